@@ -1,0 +1,70 @@
+"""Kiln's one exception family.
+
+Every refusal a user can act on is a `KilnError`: its message says what is
+wrong and how to fix it. The `kiln` command prints the message without a
+traceback and exits non-zero; anything that is not a `KilnError` is a bug.
+"""
+
+from __future__ import annotations
+
+
+class KilnError(Exception):
+    """Base of every error Kiln raises on purpose."""
+
+    exit_code: int = 2
+
+
+class SpecInvalid(KilnError):
+    """A registry entry, request or catalogue failed validation."""
+
+
+class UnknownBaseModel(KilnError):
+    """A registry key that the curated registry does not hold."""
+
+
+class SourceInvalid(KilnError):
+    """A source that cannot be exported as given (no config.json, not a model, ...)."""
+
+
+class RevisionNotPinned(KilnError):
+    """A Hub revision that is a branch or tag where a 40-hex commit SHA is required."""
+
+
+class ArchitectureUnsupported(KilnError):
+    """`config.json`'s architecture is not one the pinned converter registers."""
+
+
+class PreTokenizerUnknown(KilnError):
+    """The tokenizer's pre-tokenizer hash is not in the converter's known list."""
+
+
+class SpecMismatch(KilnError):
+    """The spec's `gguf_arch` / `tokenizer_pre` disagree with what the converter writes."""
+
+
+class QuantTypeUnknown(KilnError):
+    """A quant type libllama does not know."""
+
+
+class OutputDirInvalid(KilnError):
+    """The output folder is a file, not writable, or a name escapes its folder."""
+
+
+class NotEnoughDisk(KilnError):
+    """Free disk space is below the estimate of every file the run will write."""
+
+
+class ToolchainError(KilnError):
+    """llama-cpp-python or the converter source is missing or inconsistent."""
+
+
+class ConversionFailed(KilnError):
+    """The converter subprocess failed; the message carries its cause."""
+
+
+class QuantizationFailed(KilnError):
+    """libllama's quantizer returned an error."""
+
+
+class VerificationFailed(KilnError):
+    """A written GGUF did not load, ran away, or disagreed with the reference."""

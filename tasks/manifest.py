@@ -1,0 +1,76 @@
+"""`manifest.json`: what was exported from what, with which tools, and what was checked.
+
+A re-run with the same inputs reads it, re-hashes the outputs, and does nothing
+when everything matches. That check runs before the orchestration engine is
+imported, so an up-to-date export answers in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from registry.models import ExportRequest, Manifest, OutputFile, SourceFile
+from tasks.files import safe_child, sha256_file, write_text_atomic
+from tasks.toolchain import Toolchain
+
+MANIFEST_NAME = "manifest.json"
+KILN_VERSION = "0.1.0"
+
+# Request fields that do not change what is written.
+_NON_OUTPUT_FIELDS = {"out_dir", "verify", "accept_license"}
+
+
+def content_key(files: list[SourceFile]) -> str:
+    """A short key for a set of source files: equal content gives an equal key, wherever the folder is."""
+    digest = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        digest.update(f"{f.path}\0{f.sha256}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def request_key(request: ExportRequest, files: list[SourceFile], toolchain: Toolchain, extra: str = "") -> str:
+    """Everything that determines the outputs: the request's output fields, the source content, the toolchain."""
+    fields = request.model_dump(exclude=_NON_OUTPUT_FIELDS)
+    payload = json.dumps({"request": fields, "content": content_key(files),
+                          "toolchain": toolchain.cache_key, "extra": extra}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def write_manifest(out_dir: Path, manifest: Manifest) -> Path:
+    path = out_dir / MANIFEST_NAME
+    write_text_atomic(path, manifest.model_dump_json(indent=2) + "\n")
+    return path
+
+
+def read_manifest(out_dir: Path) -> Manifest | None:
+    """The manifest in `out_dir`, or None when there is none or it is not one of ours."""
+    path = out_dir / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return Manifest.model_validate_json(path.read_text(encoding="utf-8"))
+    except (ValidationError, UnicodeDecodeError):
+        return None
+
+
+def outputs_intact(out_dir: Path, outputs: list[OutputFile]) -> list[str]:
+    """Problems with the recorded outputs (missing, resized, re-hashed differently); empty when all match."""
+    problems = []
+    for out in outputs:
+        path = safe_child(out_dir, out.path)
+        if not path.is_file():
+            problems.append(f"{out.path} is missing")
+        elif path.stat().st_size != out.size:
+            problems.append(f"{out.path} has size {path.stat().st_size}, manifest says {out.size}")
+        elif sha256_file(path) != out.sha256:
+            problems.append(f"{out.path} does not match its recorded sha256")
+    return problems

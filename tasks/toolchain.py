@@ -1,0 +1,214 @@
+"""The llama.cpp toolchain: the installed llama-cpp-python and the converter from the same source.
+
+Converter and runtime must never disagree, so the converter scripts
+(`convert_hf_to_gguf.py`, its `conversion/` package, `convert_lora_to_gguf.py`)
+and the `gguf-py` they import are taken from the source distribution of the
+very llama-cpp-python version that is installed. They are extracted once into
+the cache, and a tree hash recorded at extraction is checked on every use.
+`LLAMA_CPP_DIR` points at a user's own llama.cpp checkout instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.errors import ToolchainError
+from tasks.files import atomic_dir, cache_dir
+
+# What the converter needs from a llama.cpp tree; nothing else is extracted.
+CONVERTER_MEMBERS = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
+_SOURCE_STAMP = "kiln-source.json"
+
+
+class Toolchain(BaseModel):
+    """What produced the GGUF files, recorded in every manifest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    llama_cpp_python: str
+    converter_source: str
+    converter_dir: str
+    converter_sha256: str
+    gguf_py_version: str
+
+    @property
+    def cache_key(self) -> str:
+        """Changes whenever runtime or converter change, so cached conversions are rebuilt."""
+        return hashlib.sha256(f"{self.llama_cpp_python}:{self.converter_sha256}".encode()).hexdigest()[:16]
+
+
+def llama_cpp_python_version() -> str:
+    try:
+        return metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        raise ToolchainError(
+            "llama-cpp-python is not installed. Install it from source with "
+            'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python (see README).'
+        ) from None
+
+
+def tree_sha256(root: Path, members: tuple[str, ...] = CONVERTER_MEMBERS) -> str:
+    """One hash over the converter's Python files (paths and contents), in a stable order."""
+    digest = hashlib.sha256()
+    for member in members:
+        base = root / member
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*.py") if p.is_file())
+        for path in files:
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(b"\0")
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _check_tree(root: Path) -> None:
+    missing = [m for m in CONVERTER_MEMBERS if not (root / m).exists()]
+    if missing:
+        raise ToolchainError(f"llama.cpp tree {root} lacks {', '.join(missing)}; it cannot convert models")
+
+
+def _download_sdist(version: str, into: Path) -> Path:
+    cmd = [
+        sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+        "--dest", str(into), f"llama-cpp-python=={version}",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    sdists = sorted(into.glob("llama_cpp_python-*.tar.gz"))
+    if proc.returncode != 0 or not sdists:
+        raise ToolchainError(
+            f"could not fetch the llama-cpp-python {version} source distribution for its converter "
+            f"(pip said: {proc.stderr.strip()[-400:]}). Run `kiln setup` with package-index access, "
+            "or set LLAMA_CPP_DIR to a llama.cpp checkout of the same version."
+        )
+    return sdists[0]
+
+
+def _extract_converter(sdist: Path, dest: Path) -> None:
+    with tarfile.open(sdist) as tar:
+        top = tar.getmembers()[0].name.split("/")[0]
+        prefix = f"{top}/vendor/llama.cpp/"
+        wanted = []
+        for member in tar.getmembers():
+            if not member.name.startswith(prefix):
+                continue
+            rel = member.name[len(prefix):]
+            if rel.split("/")[0] in CONVERTER_MEMBERS and (member.isfile() or member.isdir()):
+                member.name = rel
+                wanted.append(member)
+        tar.extractall(dest, members=wanted, filter="data")
+    _check_tree(dest)
+
+
+def ensure_converter_source(sdist: Path | None = None) -> Path:
+    """The llama.cpp tree the converter runs from; extracted and stamped on first use.
+
+    `sdist` may name an already-downloaded source distribution (setup scripts pass
+    the one pip built from); otherwise pip fetches it once.
+    """
+    override = os.environ.get("LLAMA_CPP_DIR")
+    if override:
+        root = Path(override).expanduser().resolve()
+        _check_tree(root)
+        return root
+    version = llama_cpp_python_version()
+    root = cache_dir() / "toolchain" / f"llama-cpp-python-{version}"
+    stamp = root / _SOURCE_STAMP
+    if stamp.is_file():
+        recorded = json.loads(stamp.read_text())
+        if recorded.get("tree_sha256") == tree_sha256(root):
+            return root
+        # A tree edited or damaged since extraction is replaced, never trusted.
+    with tempfile.TemporaryDirectory(prefix="kiln-sdist-") as tmp:
+        archive = sdist or _download_sdist(version, Path(tmp))
+        with atomic_dir(root) as staging:
+            _extract_converter(archive, staging)
+            sdist_sha = hashlib.sha256(archive.read_bytes()).hexdigest()
+            (staging / _SOURCE_STAMP).write_text(json.dumps({
+                "llama_cpp_python": version,
+                "sdist": archive.name,
+                "sdist_sha256": sdist_sha,
+                "tree_sha256": tree_sha256(staging),
+            }, indent=2))
+    return root
+
+
+@lru_cache(maxsize=None)
+def _toolchain_for(root: Path, version: str, from_env: bool) -> Toolchain:
+    gguf_version = "unknown"
+    pyproject = root / "gguf-py" / "pyproject.toml"
+    if pyproject.is_file():
+        for line in pyproject.read_text().splitlines():
+            if line.startswith("version"):
+                gguf_version = line.split("=", 1)[1].strip().strip('"')
+                break
+    source = f"LLAMA_CPP_DIR={root}" if from_env else f"llama-cpp-python=={version} source distribution"
+    return Toolchain(
+        llama_cpp_python=version,
+        converter_source=source,
+        converter_dir=str(root),
+        converter_sha256=tree_sha256(root),
+        gguf_py_version=gguf_version,
+    )
+
+
+def current_toolchain() -> Toolchain:
+    root = ensure_converter_source()
+    return _toolchain_for(root, llama_cpp_python_version(), bool(os.environ.get("LLAMA_CPP_DIR")))
+
+
+def converter_env(root: Path) -> dict[str, str]:
+    """Environment for converter subprocesses: that tree's own gguf-py first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(root / "gguf-py"), str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    env.pop("NO_LOCAL_GGUF", None)
+    # The converter never needs the network; refuse it so a typo cannot trigger a Hub download.
+    env["HF_HUB_OFFLINE"] = "1"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+@lru_cache(maxsize=None)
+def registered_architectures(root: Path) -> frozenset[str]:
+    """Text architectures the converter at `root` registers, read from its source without importing it.
+
+    Newer llama.cpp keeps the registry in `conversion/__init__.py` (`TEXT_MODEL_MAP`);
+    older trees register classes with `@ModelBase.register(...)` in `convert_hf_to_gguf.py`.
+    """
+    names: set[str] = set()
+    registry = root / "conversion" / "__init__.py"
+    if registry.is_file():
+        tree = ast.parse(registry.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            target = getattr(node, "target", None) if isinstance(node, ast.AnnAssign) else None
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target = node.targets[0]
+            if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and isinstance(node.value, ast.Dict):
+                names.update(k.value for k in node.value.keys if isinstance(k, ast.Constant))
+    for script in [root / "convert_hf_to_gguf.py", *sorted((root / "conversion").glob("*.py"))]:
+        if not script.is_file():
+            continue
+        for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ClassDef):
+                for deco in node.decorator_list:
+                    if (
+                        isinstance(deco, ast.Call)
+                        and isinstance(deco.func, ast.Attribute)
+                        and deco.func.attr == "register"
+                    ):
+                        names.update(a.value for a in deco.args if isinstance(a, ast.Constant))
+    if not names:
+        raise ToolchainError(f"found no registered architectures in the converter at {root}")
+    return frozenset(names)

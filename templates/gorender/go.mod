@@ -1,0 +1,3 @@
+module kiln/gorender
+
+go 1.19

@@ -1,0 +1,51 @@
+"""Session-wide fixtures: one cache, one demo model, one conversion, shared by every test.
+
+The expensive parts (rebuilding the demo folder, the f16 conversion) run once per
+session; tests that need a fresh cache make their own.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kiln_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`KILN_CACHE_DIR` for the session: `KILN_TEST_CACHE_DIR` when set (reused across runs), else a temp dir."""
+    reuse = os.environ.get("KILN_TEST_CACHE_DIR")
+    path = Path(reuse) if reuse else tmp_path_factory.mktemp("kiln-cache")
+    path.mkdir(parents=True, exist_ok=True)
+    os.environ["KILN_CACHE_DIR"] = str(path)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    return path
+
+
+@pytest.fixture(scope="session")
+def toolchain(kiln_cache: Path):
+    from tasks.toolchain import current_toolchain
+
+    return current_toolchain()
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(kiln_cache: Path) -> Path:
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face folder (built once)."""
+    from tasks.demo import ensure_demo_model
+
+    return ensure_demo_model()[0]
+
+
+@pytest.fixture(scope="session")
+def demo_f16_gguf(demo_model_dir: Path, toolchain) -> Path:
+    """The demo model converted to f16 GGUF by the pinned converter, once per session."""
+    from tasks.convert import convert_to_gguf
+    from tasks.fetch import fingerprint, model_files
+    from tasks.manifest import content_key
+
+    key = content_key(fingerprint(model_files(demo_model_dir), demo_model_dir))
+    return convert_to_gguf(demo_model_dir, key, "f16", toolchain)[0]
