@@ -83,6 +83,13 @@ class ResolvedSource(BaseModel):
         None, description="Where a rebuilt folder came from (the demo: the packaged GGUF and its sha256)."
     )
     files: list[SourceFile] = Field(default_factory=list)
+    # Optional, appended by tasks/fetch.py: what config.json says, and the branch a SHA was resolved from.
+    requested_revision: str | None = Field(
+        None, description="The branch or tag given with --resolve-revision; `revision` is the commit it named then."
+    )
+    architecture: str | None = Field(None, description="config.json `architectures[0]` (None for a GGUF source).")
+    bos_token_id: int | None = Field(None, description="config.json `bos_token_id`, 1 where it gives none.")
+    eos_token_id: int | list[int] | None = Field(None, description="config.json `eos_token_id`, 2 where it gives none.")
 
 
 class Check(BaseModel):

@@ -18,6 +18,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from tasks.errors import ConversionFailed
+from tasks.step import step
 from tasks.files import atomic_path, cache_dir
 from tasks.toolchain import Toolchain, converter_env
 
@@ -62,6 +63,7 @@ def converter_cause(lines: list[str]) -> str:
     return lines[-1].strip() if lines else "no output"
 
 
+@step(name="convert")
 def convert_to_gguf(
     model_dir: Path,
     content_key: str,

@@ -68,3 +68,23 @@ class QuantizationFailed(KilnError):
 
 class VerificationFailed(KilnError):
     """A written GGUF did not load, ran away, or disagreed with the reference."""
+
+
+class SourceCorrupt(KilnError):
+    """A source file failed verification: wrong sha256, truncated, a missing shard, a path escaping its folder."""
+
+
+class RepoGated(KilnError):
+    """The Hub answered 401/403: a gated or private repo, and no token with access was sent."""
+
+
+class RemoteCodeRefused(KilnError):
+    """The model needs custom code (`auto_map`) and its spec does not say `trust_remote_code: true`."""
+
+
+class PickleRefused(KilnError):
+    """The only weights are pickles (`*.bin`, `*.pt`, `*.pth`), and `--allow-pickle` was not given."""
+
+
+class HubUnreachable(KilnError):
+    """The Hub could not be reached (or offline mode is on) and the cache lacks the pinned revision."""

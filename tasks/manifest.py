@@ -15,8 +15,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from registry.models import ExportRequest, Manifest, OutputFile, SourceFile
+from tasks.fetch import SourceRef, fingerprint, model_files, parse_source
 from tasks.files import safe_child, sha256_file, write_text_atomic
-from tasks.toolchain import Toolchain
+from tasks.toolchain import Toolchain, current_toolchain
 
 MANIFEST_NAME = "manifest.json"
 KILN_VERSION = "0.1.0"
@@ -74,3 +75,44 @@ def outputs_intact(out_dir: Path, outputs: list[OutputFile]) -> list[str]:
         elif sha256_file(path) != out.sha256:
             problems.append(f"{out.path} does not match its recorded sha256")
     return problems
+
+
+def _local_folder(ref: SourceRef) -> Path | None:
+    """Where the source already lies on disk, without building or downloading anything."""
+    if ref.kind in ("local", "gguf"):
+        return Path(ref.id)
+    if ref.kind == "demo":
+        from tasks.demo import ensure_demo_model
+
+        return ensure_demo_model()[0]
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id=ref.id, revision=ref.revision, local_files_only=True))
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def find_up_to_date(request: ExportRequest) -> tuple[Manifest | None, str]:
+    """The existing manifest when the outputs are exactly what this request would write, and why not otherwise."""
+    out_dir = Path(request.out_dir)
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        return None, "no manifest yet"
+    same_request = manifest.request.model_dump(exclude={"verify"}) == request.model_dump(exclude={"verify"})
+    if not same_request:
+        return None, "the request differs from the last export"
+    ref = parse_source(request.source)
+    folder = _local_folder(ref)
+    if folder is None:
+        return None, "the source is not in the local cache"
+    paths = [folder] if ref.kind == "gguf" else model_files(folder)
+    root = folder.parent if ref.kind == "gguf" else folder
+    files = fingerprint(paths, root, manifest.source.files)
+    if request_key(request, files, current_toolchain()) != manifest.request_key:
+        return None, "the source or the toolchain changed"
+    problems = outputs_intact(out_dir, manifest.outputs)
+    if problems:
+        return None, "; ".join(problems)
+    return manifest, "up to date"

@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tasks.errors import QuantizationFailed, QuantTypeUnknown
+from tasks.step import step
 from tasks.files import atomic_path
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -55,6 +56,7 @@ def estimated_size(params: int, quant: str) -> int:
     return int(params * BITS_PER_WEIGHT.get(quant, 16.0) / 8)
 
 
+@step(name="quantize")
 def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None) -> Path:
     """Write `dst` as `quant` from the float GGUF `src`; atomic, so a failure leaves nothing at `dst`."""
     import llama_cpp

@@ -1,0 +1,299 @@
+"""Preflight: every refusal that can be made before a weight byte is read.
+
+Reads only `config.json` and the tokenizer files. The architecture and
+pre-tokenizer are checked by asking the pinned converter itself: a vocab-only
+conversion of a stub folder (config + tokenizer + an empty safetensors) runs the
+converter's own architecture lookup and pre-tokenizer hash, and the GGUF it
+writes says what the real conversion will write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from registry.models import Check, ExportRequest
+from registry.spec import BaseModelSpec
+from tasks.convert import run_converter
+from tasks.errors import (
+    ArchitectureUnsupported,
+    ConversionFailed,
+    KilnError,
+    NotEnoughDisk,
+    OutputDirInvalid,
+    PreTokenizerUnknown,
+    SourceInvalid,
+    SpecMismatch,
+)
+from tasks.fetch import METADATA_PATTERNS, SourceRef, read_config
+from tasks.files import cache_dir, sha256_file, sha256_text, write_text_atomic
+from tasks.quantize import check_quant_types, estimated_size
+from tasks.step import step
+from tasks.toolchain import Toolchain, registered_architectures
+
+# Room for temporaries and logs on top of the estimate.
+DISK_MARGIN = 1.10
+_CHKHSH_RE = re.compile(r"chkhsh:\s*([0-9a-f]{64})")
+
+
+class ConverterProbe(BaseModel):
+    """What the pinned converter writes for this model's config and tokenizer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gguf_arch: str
+    tokenizer_model: str | None
+    tokenizer_pre: str | None
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_id: int | None
+    chat_template: str | None
+
+
+class PreflightReport(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: str
+    probe: ConverterProbe
+    params: int
+    estimated_bytes: int
+    checks: list[Check]
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """The output folder exists or can be made, is a folder, and is writable."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputDirInvalid(f"output folder {out_dir} is a file; pass a folder with --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".kiln-write-test-"):
+            pass
+    except OSError as exc:
+        raise OutputDirInvalid(f"output folder {out_dir} is not writable ({exc.strerror}); choose another --out") from None
+
+
+def architecture_of(config: dict, folder: Path) -> str:
+    archs = config.get("architectures")
+    if not isinstance(archs, list) or not archs or not isinstance(archs[0], str):
+        raise SourceInvalid(f"{folder}/config.json has no `architectures` list, so the converter cannot pick a model class")
+    return archs[0]
+
+
+def check_architecture(architecture: str, toolchain: Toolchain) -> None:
+    known = registered_architectures(Path(toolchain.converter_dir))
+    if architecture not in known:
+        raise ArchitectureUnsupported(
+            f"architecture {architecture!r} is not one the pinned converter ({toolchain.converter_source}) "
+            f"can convert. Use a llama.cpp that supports it via LLAMA_CPP_DIR, or a supported base."
+        )
+
+
+def safetensors_tensor_bytes(path: Path) -> tuple[int, int]:
+    """(parameter count, data bytes) from a safetensors header; refuses a truncated or malformed file."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise SourceInvalid(f"{path.name} is truncated (only {size} bytes); re-download it")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > min(size - 8, 100 * 1024 * 1024):
+            raise SourceInvalid(f"{path.name} has a corrupt header (claims {header_len} bytes); re-download it")
+        try:
+            header = json.loads(fh.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise SourceInvalid(f"{path.name} has a corrupt header; re-download it") from None
+    params, end = 0, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        count = 1
+        for dim in info.get("shape", []):
+            count *= dim
+        params += count
+        end = max(end, info["data_offsets"][1])
+    if 8 + header_len + end != size:
+        raise SourceInvalid(
+            f"{path.name} is {size} bytes but its header describes {8 + header_len + end}: "
+            "the file is truncated or corrupt; re-download it"
+        )
+    return params, end
+
+
+def check_weights(folder: Path) -> int:
+    """Every safetensors shard present and whole; returns the parameter count."""
+    shards = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            named = set(json.loads(index.read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SourceInvalid(f"{index} is not a valid safetensors index") from None
+        missing = sorted(n for n in named if not (folder / n).is_file())
+        if missing:
+            raise SourceInvalid(f"{index.name} names shard(s) not in {folder}: {', '.join(missing)}; re-download them")
+    if not shards:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth"})
+        hint = (f" It holds pickled weights ({', '.join(pickles)}), which Kiln does not load by default: "
+                "pickles can run code when read.") if pickles else ""
+        raise SourceInvalid(f"{folder} has no *.safetensors weights.{hint}")
+    return sum(safetensors_tensor_bytes(s)[0] for s in shards)
+
+
+def _probe_cache_key(folder: Path, toolchain: Toolchain) -> str:
+    parts = [toolchain.cache_key]
+    for name in METADATA_PATTERNS:
+        f = folder / name
+        if f.is_file():
+            parts.append(f"{name}:{sha256_file(f)}")
+    return sha256_text("\n".join(parts))[:24]
+
+
+def probe_converter(folder: Path, toolchain: Toolchain) -> ConverterProbe:
+    """Ask the pinned converter what it would write, from config and tokenizer files alone (cached)."""
+    cache_file = cache_dir() / "probe" / f"{_probe_cache_key(folder, toolchain)}.json"
+    if cache_file.is_file():
+        return ConverterProbe.model_validate_json(cache_file.read_text())
+    with tempfile.TemporaryDirectory(prefix="kiln-probe-") as tmp:
+        stub = Path(tmp) / "model"
+        stub.mkdir()
+        for name in METADATA_PATTERNS:
+            if (folder / name).is_file():
+                os.symlink((folder / name).resolve(), stub / name)
+        # An empty tensor table: the converter indexes weights on start-up, and the probe must not read any.
+        header = b"{}"
+        (stub / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+        out = Path(tmp) / "vocab.gguf"
+        lines: list[str] = []
+        try:
+            run_converter("convert_hf_to_gguf.py", ["--vocab-only", "--outtype", "f16", "--outfile", str(out), str(stub)],
+                          toolchain, lines.append)
+        except ConversionFailed as exc:
+            text = "\n".join(lines)
+            if "pre-tokenizer was not recognized" in text:
+                found = _CHKHSH_RE.search(text)
+                raise PreTokenizerUnknown(
+                    f"the pinned converter does not know this tokenizer's pre-tokenizer "
+                    f"(chkhsh {found.group(1) if found else 'unknown'}); llama.cpp would tokenize it wrongly. "
+                    "Use a llama.cpp that lists it (LLAMA_CPP_DIR) or a tokenizer it knows."
+                ) from None
+            if "is not supported" in text or "not supported!" in text:
+                raise ArchitectureUnsupported(f"the pinned converter refuses this model: {exc}") from None
+            raise
+        probe = _read_probe(out)
+    write_text_atomic(cache_file, probe.model_dump_json())
+    return probe
+
+
+def _read_probe(path: Path) -> ConverterProbe:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+
+    def field(name: str):
+        f = reader.fields.get(name)
+        return None if f is None else f.contents()
+
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    return ConverterProbe(
+        gguf_arch=field("general.architecture"),
+        tokenizer_model=field("tokenizer.ggml.model"),
+        tokenizer_pre=field("tokenizer.ggml.pre"),
+        vocab_size=len(tokens.data) if tokens is not None else 0,
+        bos_token_id=field("tokenizer.ggml.bos_token_id"),
+        eos_token_id=field("tokenizer.ggml.eos_token_id"),
+        chat_template=field("tokenizer.chat_template"),
+    )
+
+
+def check_spec(spec: BaseModelSpec, architecture: str, probe: ConverterProbe) -> None:
+    """The registry's claims must be what the converter really writes."""
+    if spec.architecture != architecture:
+        raise SpecMismatch(
+            f"registry entry {spec.key!r} says architecture {spec.architecture!r}, "
+            f"but config.json says {architecture!r}; fix the entry"
+        )
+    if spec.gguf_arch != probe.gguf_arch:
+        raise SpecMismatch(
+            f"registry entry {spec.key!r} says gguf_arch {spec.gguf_arch!r}, "
+            f"but the pinned converter writes {probe.gguf_arch!r}; fix the entry"
+        )
+    if spec.tokenizer_pre != (probe.tokenizer_pre or "default"):
+        raise SpecMismatch(
+            f"registry entry {spec.key!r} says tokenizer_pre {spec.tokenizer_pre!r}, "
+            f"but the pinned converter writes {probe.tokenizer_pre!r}; fix the entry"
+        )
+
+
+def check_license(spec: BaseModelSpec | None, accepted: bool) -> None:
+    if spec is not None and spec.requires_acceptance and not accepted:
+        where = f" ({spec.license_url})" if spec.license_url else ""
+        raise KilnError(
+            f"base {spec.key!r} is under {spec.license_spdx}{where}, which must be accepted before use: "
+            "read it, then pass --accept-license"
+        )
+
+
+def estimate_bytes(params: int, request: ExportRequest, base_cached: bool) -> int:
+    base = 0 if base_cached else estimated_size(params, request.outtype)
+    # Each output is a hard link to the cache where possible, but a copy across filesystems.
+    outputs = estimated_size(params, request.outtype) + sum(estimated_size(params, q) for q in request.quants)
+    return int((base + outputs) * DISK_MARGIN)
+
+
+def check_disk(paths: list[Path], need: int) -> None:
+    """Free space on the filesystem(s) written to covers `need` bytes."""
+    existing = []
+    for p in paths:
+        while not p.exists():
+            p = p.parent
+        existing.append(p)
+    free = min(shutil.disk_usage(p).free for p in existing)
+    if free < need:
+        raise NotEnoughDisk(
+            f"this export needs about {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free under "
+            f"{existing[0]}; free space, or point --out / KILN_CACHE_DIR at a larger disk"
+        )
+
+
+@step(name="preflight")
+def run_preflight(
+    ref: SourceRef,
+    metadata_folder: Path,
+    request: ExportRequest,
+    toolchain: Toolchain,
+    base_cached: bool = False,
+) -> PreflightReport:
+    """Every check that needs no weights; raises the first refusal with its cause and fix."""
+    check_output_dir(Path(request.out_dir))
+    check_quant_types(request.quants)
+    check_license(ref.spec, request.accept_license)
+    config = read_config(metadata_folder)
+    architecture = architecture_of(config, metadata_folder)
+    check_architecture(architecture, toolchain)
+    probe = probe_converter(metadata_folder, toolchain)
+    if ref.spec is not None:
+        check_spec(ref.spec, architecture, probe)
+    if ref.kind in ("local", "demo"):
+        params = check_weights(metadata_folder)
+    else:
+        # Hub weights are not here yet: the spec's count, or (no spec) the check after fetch.
+        params = ref.spec.params if ref.spec is not None else 0
+    need = estimate_bytes(params, request, base_cached)
+    check_disk([Path(request.out_dir), cache_dir()], need)
+    checks = [
+        Check(name="architecture", target="source", passed=True, detail=f"{architecture} -> {probe.gguf_arch}"),
+        Check(name="pre-tokenizer", target="source", passed=True, detail=str(probe.tokenizer_pre)),
+        Check(name="quant types", target="request", passed=True, detail=", ".join(request.quants) or "none"),
+        Check(name="disk", target="request", passed=True, detail=f"needs about {need / 1e6:.0f} MB"),
+    ]
+    if ref.spec is not None:
+        checks.append(Check(name="spec matches converter", target=ref.spec.key, passed=True,
+                            detail=f"gguf_arch={ref.spec.gguf_arch}, tokenizer_pre={ref.spec.tokenizer_pre}"))
+    return PreflightReport(architecture=architecture, probe=probe, params=params, estimated_bytes=need, checks=checks)

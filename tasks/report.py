@@ -1,0 +1,778 @@
+"""Choose a quant type by evidence: quality, size and speed of every GGUF against the f16 reference.
+
+`measure_quants` runs the float (f16) GGUF and each quantized GGUF with llama-cpp-python on
+
+* Kiln's fixed evaluation text (`tasks/eval_text/kiln-eval-v1.txt`, its sha256 recorded), scored
+  exactly as llama.cpp's `llama-perplexity --kl-divergence` scores a text: the tokens (BOS added
+  when the vocabulary asks for it) are cut into consecutive chunks of `n_ctx` tokens, the first
+  token of each chunk is replaced by BOS when the model adds one, the KV cache is cleared between
+  chunks, and only the second half of each chunk is scored (the first half is context only): the
+  logits at positions `n_ctx/2 … n_ctx-2` predict tokens `n_ctx/2+1 … n_ctx-1`. For every scored
+  token, over the full vocabulary:
+    - NLL = log-sum-exp(logits) - logit[next token];  PPL = exp(mean NLL);
+    - KL(f16 ‖ quant) = Σ_i p_i · (log p_i − log q_i), with p the f16 softmax (terms with
+      log p_i ≤ −16 skipped, as llama.cpp does), q the quant's;
+    - top-1 agreement: argmax of the quant's logits equals argmax of f16's.
+  So `llama-perplexity -f kiln-eval-v1.txt -c N_CTX --chunks N_CHUNKS --kl-divergence` gives
+  comparable numbers (llama.cpp stores the f16 log-probabilities as 16-bit; Kiln keeps float32).
+* the model's own chat prompts: each user message rendered through the GGUF's chat template; f16
+  answers greedily once, and every model is scored teacher-forced on f16's answer (same KL and
+  top-1 definitions, over the answer tokens).
+
+Speed on this machine: prompt tokens/s is measured on the context halves of the text chunks
+(no logits requested, a batch of `n_ctx/2` tokens), generation tokens/s on a greedy continuation
+of the first chat prompt, one token a decode; both with `n_threads` (recorded).
+
+f16's log-probabilities are computed once and reused for every quant; one model is loaded at a
+time, and a quant's logits are held one chunk at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import re
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from tasks.errors import KilnError
+from tasks.files import atomic_path, sha256_file
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+EVAL_TEXT_DIR = Path(__file__).resolve().parent / "eval_text"
+DEFAULT_EVAL_TEXT = EVAL_TEXT_DIR / "kiln-eval-v1.txt"
+# Candidates `--quant auto` quantizes and measures, best quality first: a fixed list keeps the
+# cost bounded and known (six quantizations plus one measurement of each).
+AUTO_CANDIDATES: tuple[str, ...] = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
+DEFAULT_CHAT_PROMPTS: tuple[str, ...] = (
+    "What is the capital of France?",
+    "Write a Python function that returns the largest number in a list.",
+)
+DEFAULT_N_CTX = 512
+DEFAULT_N_CHUNKS = 2
+DEFAULT_GEN_TOKENS = 24
+# llama.cpp's perplexity tool skips f16 probabilities below e^-16 in the KL sum.
+_KL_LOG_P_FLOOR = -16.0
+
+
+class ReportError(KilnError):
+    """The quality report could not be measured (a GGUF that does not load, a text too short, ...)."""
+
+
+class NoQuantFits(KilnError):
+    """`--quant auto`: no measured quant type satisfies the requested bounds."""
+
+
+class QuantMetrics(BaseModel):
+    """One GGUF's row of the report. The reference row has KL 0 and top-1 agreement 1 by definition."""
+
+    quant: str
+    file: str
+    is_reference: bool = False
+    size_bytes: int = Field(description="file size on disk")
+    n_params: int
+    bits_per_weight: float = Field(description="tensor bytes × 8 / parameters, as llama.cpp prints BPW")
+    kl_mean: float = Field(description="mean KL(f16 ‖ this) per scored token of the evaluation text, nats")
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float = Field(description="fraction of scored tokens whose argmax equals f16's")
+    ppl: float = Field(description="perplexity on the evaluation text (scored halves of the chunks)")
+    ppl_ratio: float = Field(description="PPL(this) / PPL(f16)")
+    chat_kl_mean: float | None = None
+    chat_top1_agreement: float | None = None
+    prompt_tps: float = Field(description="prompt processing tokens/s (batch n_ctx/2, no logits)")
+    gen_tps: float = Field(description="greedy generation tokens/s, one token a decode")
+    eval_seconds: float = Field(description="wall time spent measuring this file")
+    quantize_seconds: float | None = Field(default=None, description="time to quantize it, when measured")
+
+
+class QuantReport(BaseModel):
+    """Everything `measure_quants` measured; embedded in the manifest as is."""
+
+    schema_version: int = 1
+    reference: str = "f16"
+    eval_text: str
+    eval_text_sha256: str
+    n_ctx: int
+    n_chunks: int
+    scored_tokens: int
+    chat_prompts: int
+    chat_tokens: int
+    n_threads: int
+    machine: str
+    llama_cpp_python: str
+    measure_seconds: float
+    quantize_seconds: float | None = Field(
+        default=None, description="total time spent quantizing candidates for `--quant auto`"
+    )
+    rows: list[QuantMetrics]
+
+    def row(self, quant: str) -> QuantMetrics:
+        for r in self.rows:
+            if r.quant == quant:
+                return r
+        raise KeyError(quant)
+
+    def by_size(self) -> list[QuantMetrics]:
+        """Rows largest first (the reference, usually, then best quality to smallest)."""
+        return sorted(self.rows, key=lambda r: (-r.size_bytes, r.kl_mean))
+
+
+class QuantChoice(BaseModel):
+    """What `--quant auto` picked, and why."""
+
+    quant: str
+    size_bytes: int
+    kl_mean: float
+    top1_agreement: float
+    reason: str
+    max_size_bytes: int | None = None
+    max_kl: float | None = None
+    considered: list[str]
+    rejected: dict[str, str] = Field(default_factory=dict, description="quant → why it was not chosen")
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+class _Reference:
+    """f16's numbers every quant is compared with (log-probabilities of the scored tokens)."""
+
+    def __init__(self) -> None:
+        self.chunk_logp: list[np.ndarray] = []  # per text chunk: (n_scored, n_vocab) float32
+        self.chunk_argmax: list[np.ndarray] = []
+        self.chat_logp: list[np.ndarray] = []
+        self.chat_argmax: list[np.ndarray] = []
+        self.chat_sequences: list[tuple[list[int], int]] = []  # (tokens, index of the first answer token)
+        self.ppl: float = float("nan")
+
+
+class _Scores:
+    def __init__(self) -> None:
+        self.kl: list[np.ndarray] = []
+        self.same_top: list[np.ndarray] = []
+        self.nll: list[np.ndarray] = []
+
+    def add(self, kl: np.ndarray, same: np.ndarray, nll: np.ndarray) -> None:
+        self.kl.append(kl)
+        self.same_top.append(same)
+        self.nll.append(nll)
+
+    def cat(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.kl:
+            empty = np.zeros(0)
+            return empty, empty.astype(bool), empty
+        return np.concatenate(self.kl), np.concatenate(self.same_top), np.concatenate(self.nll)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32 (sums accumulated in float64)."""
+    z = logits.astype(np.float32, copy=False)
+    m = z.max(axis=1, keepdims=True)
+    lse = m + np.log(np.exp(z - m).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    return z - lse
+
+
+def _compare(ref_logp: np.ndarray, ref_argmax: np.ndarray, logits: np.ndarray, targets: np.ndarray
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per token: KL(ref ‖ this), same argmax, NLL of the target: llama.cpp's definitions."""
+    logq = _log_softmax(logits)
+    rows = np.arange(len(targets))
+    nll = -logq[rows, targets].astype(np.float64)
+    same = logits.argmax(axis=1) == ref_argmax
+    p = np.exp(ref_logp)
+    p[ref_logp <= _KL_LOG_P_FLOOR] = 0.0
+    kl = (p * (ref_logp - logq)).sum(axis=1, dtype=np.float64)
+    return kl, same, nll
+
+
+class _Runner:
+    """One loaded GGUF and the decode loop the measurements need (raw llama.cpp batches)."""
+
+    def __init__(self, path: Path, n_ctx: int, n_threads: int) -> None:
+        import llama_cpp
+
+        self.llama_cpp = llama_cpp
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=0, verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise ReportError(f"could not load {path} with llama-cpp-python to measure it: {exc}") from exc
+        self.ctx = self.llm._ctx.ctx
+        self.model = self.llm._model.model
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = self.llm.n_vocab()
+        self.n_ctx = n_ctx
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+
+    def close(self) -> None:
+        self.llama_cpp.llama_batch_free(self.batch)
+        self.llm.close()
+
+    def clear(self) -> None:
+        self.llama_cpp.llama_memory_clear(self.llama_cpp.llama_get_memory(self.ctx), True)
+
+    def decode(self, tokens: Sequence[int], start: int, want: Sequence[bool] | None) -> np.ndarray | None:
+        """Decode `tokens` at positions `start…`; return the logits requested by `want` (rows in order)."""
+        batch = self.batch
+        n = len(tokens)
+        batch.n_tokens = n
+        n_out = 0
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            flag = bool(want[i]) if want is not None else False
+            batch.logits[i] = flag
+            n_out += flag
+        rc = self.llama_cpp.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise ReportError(f"llama_decode failed (return code {rc}) while measuring")
+        self.llama_cpp.llama_synchronize(self.ctx)
+        if not n_out:
+            return None
+        ptr = self.llama_cpp.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab)).copy()
+
+    def last_argmax(self) -> int:
+        ptr = self.llama_cpp.llama_get_logits_ith(self.ctx, -1)
+        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def generate(self, prompt: list[int], n: int, stop_at_eog: bool) -> tuple[list[int], float]:
+        """Greedy continuation of `prompt`: (tokens, seconds spent in the one-token decodes)."""
+        self.clear()
+        n = max(0, min(n, self.n_ctx - len(prompt)))
+        self.decode(prompt, 0, [i == len(prompt) - 1 for i in range(len(prompt))])
+        out: list[int] = []
+        t0 = time.perf_counter()
+        tok = self.last_argmax()
+        for k in range(n):
+            out.append(tok)
+            if stop_at_eog and self.is_eog(tok):
+                break
+            if k == n - 1:
+                break
+            self.decode([tok], len(prompt) + k, [True])
+            tok = self.last_argmax()
+        return out, time.perf_counter() - t0
+
+    def size_stats(self) -> tuple[int, int]:
+        return (int(self.llama_cpp.llama_model_size(self.model)),
+                int(self.llama_cpp.llama_model_n_params(self.model)))
+
+
+def _text_chunks(runner: _Runner, text: str, n_ctx: int, n_chunks: int) -> list[list[int]]:
+    tokens = runner.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    available = len(tokens) // n_ctx
+    if available < 1:
+        raise ReportError(
+            f"the evaluation text tokenizes to {len(tokens)} tokens, fewer than one chunk of {n_ctx}; "
+            "use a longer text or a smaller n_ctx"
+        )
+    chunks = []
+    for c in range(min(n_chunks, available)):
+        chunk = list(tokens[c * n_ctx:(c + 1) * n_ctx])
+        if runner.add_bos:
+            chunk[0] = runner.bos
+        chunks.append(chunk)
+    return chunks
+
+
+def _render_chat(runner: _Runner, prompts: Sequence[str], render: bool) -> list[list[int]]:
+    """Token ids of each prompt, rendered through the GGUF's own chat template when it has one."""
+    template = runner.llm.metadata.get("tokenizer.chat_template") if render else None
+    rendered: list[str] = list(prompts)
+    if template:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        def piece(token_id: int) -> str:
+            if token_id < 0:
+                return ""
+            return runner.llm._model.token_get_text(token_id)
+
+        formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=piece(runner.llm.token_eos()),
+            bos_token=piece(runner.llm.token_bos()),
+            add_generation_prompt=True,
+        )
+        rendered = [formatter(messages=[{"role": "user", "content": p}]).prompt for p in prompts]
+    out = []
+    for text in rendered:
+        toks = list(runner.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
+        if len(toks) >= 2 and toks[0] == toks[1] == runner.bos:
+            toks = toks[1:]  # the template wrote BOS itself
+        out.append(toks)
+    return out
+
+
+def _score_text(runner: _Runner, chunks: list[list[int]], ref: _Reference, is_reference: bool
+                ) -> tuple[_Scores, float]:
+    """Score the text chunks as llama-perplexity does; returns the scores and prompt tokens/s."""
+    n_ctx = runner.n_ctx
+    first = n_ctx // 2
+    # Logits only where they are scored: positions first … n_ctx-2 (predicting first+1 … n_ctx-1).
+    want_second = [first + k <= n_ctx - 2 for k in range(n_ctx - first)]
+    scores = _Scores()
+    pp_tokens, pp_seconds = 0, 0.0
+    for c, chunk in enumerate(chunks):
+        runner.clear()
+        t0 = time.perf_counter()
+        runner.decode(chunk[:first], 0, None)  # the context half: prompt processing, timed
+        pp_seconds += time.perf_counter() - t0
+        pp_tokens += first
+        logits = runner.decode(chunk[first:], first, want_second)
+        assert logits is not None
+        targets = np.asarray(chunk[first + 1:], dtype=np.int64)
+        if is_reference:
+            scores.add(*_reference_scores(ref.chunk_logp, ref.chunk_argmax, logits, targets))
+        else:
+            scores.add(*_compare(ref.chunk_logp[c], ref.chunk_argmax[c], logits, targets))
+        del logits
+    return scores, (pp_tokens / pp_seconds if pp_seconds > 0 else 0.0)
+
+
+def _score_chat(runner: _Runner, ref: _Reference, is_reference: bool) -> _Scores:
+    """Teacher-forced scores on f16's answers to the chat prompts."""
+    scores = _Scores()
+    for s, (seq, start) in enumerate(ref.chat_sequences):
+        runner.clear()
+        logits = runner.decode(seq, 0, [start - 1 <= i <= len(seq) - 2 for i in range(len(seq))])
+        assert logits is not None
+        targets = np.asarray(seq[start:], dtype=np.int64)
+        if is_reference:
+            scores.add(*_reference_scores(ref.chat_logp, ref.chat_argmax, logits, targets))
+        else:
+            scores.add(*_compare(ref.chat_logp[s], ref.chat_argmax[s], logits, targets))
+    return scores
+
+
+def _reference_scores(logp_store: list[np.ndarray], argmax_store: list[np.ndarray], logits: np.ndarray,
+                      targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the reference's log-probabilities for the quants; its own KL is 0 and top-1 agreement 1."""
+    logp = _log_softmax(logits)
+    logp_store.append(logp)
+    argmax_store.append(logits.argmax(axis=1))
+    nll = -logp[np.arange(len(targets)), targets].astype(np.float64)
+    return np.zeros(len(targets)), np.ones(len(targets), dtype=bool), nll
+
+
+def _gen_speed(runner: _Runner, prompt: list[int], n: int) -> tuple[list[int], float]:
+    """Greedy continuation of `prompt` (n tokens, through end-of-generation): (tokens, tokens/s)."""
+    generated, seconds = runner.generate(prompt, n, stop_at_eog=False)
+    decodes = len(generated) - 1  # the first token comes from the prompt's logits
+    return generated, (decodes / seconds if decodes > 0 and seconds > 0 else 0.0)
+
+
+def _answer_until_eog(runner: _Runner, tokens: list[int]) -> list[int]:
+    for i, tok in enumerate(tokens):
+        if runner.is_eog(tok):
+            return tokens[: i + 1]
+    return tokens
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}"
+
+
+def measure_quants(
+    f16_path: Path,
+    quant_paths: dict[str, Path],
+    eval_text_path: Path | None = None,
+    chat_prompts: Sequence[str] | None = None,
+    n_threads: int | None = None,
+    *,
+    reference_name: str = "f16",
+    n_ctx: int = DEFAULT_N_CTX,
+    n_chunks: int = DEFAULT_N_CHUNKS,
+    gen_tokens: int = DEFAULT_GEN_TOKENS,
+    render_chat: bool = True,
+    quantize_seconds: dict[str, float] | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> QuantReport:
+    """Measure the reference GGUF and every quantized GGUF; see the module docstring for definitions.
+
+    `chat_prompts` are user messages rendered through the GGUF's chat template (`render_chat=False`:
+    already-rendered prompt texts); None: `DEFAULT_CHAT_PROMPTS`; an empty list skips chat scoring.
+    `n_ctx` must be even; `n_chunks` chunks of `n_ctx` tokens are scored (fewer if the text is short).
+    """
+    import llama_cpp
+
+    if n_ctx < 8 or n_ctx % 2:
+        raise ReportError(f"n_ctx must be an even number of at least 8, not {n_ctx}")
+    f16_path = Path(f16_path)
+    eval_path = Path(eval_text_path) if eval_text_path else DEFAULT_EVAL_TEXT
+    if not eval_path.is_file():
+        raise ReportError(f"evaluation text {eval_path} not found")
+    for name, path in {reference_name: f16_path, **quant_paths}.items():
+        if not Path(path).is_file():
+            raise ReportError(f"cannot measure {name}: {path} does not exist")
+    text = eval_path.read_text(encoding="utf-8")
+    threads = n_threads or default_threads()
+    prompts = list(DEFAULT_CHAT_PROMPTS if chat_prompts is None else chat_prompts)
+    say = on_progress or (lambda _msg: None)
+    started = time.perf_counter()
+
+    ref = _Reference()
+    rows: list[QuantMetrics] = []
+    chunks: list[list[int]] = []
+    timing_prompt: list[int] = []
+    for name, path in [(reference_name, f16_path), *quant_paths.items()]:
+        path = Path(path)
+        is_ref = name == reference_name and path == f16_path
+        say(f"measuring {name} ({path.name})")
+        t0 = time.perf_counter()
+        runner = _Runner(path, n_ctx, threads)
+        try:
+            if is_ref:
+                chunks = _text_chunks(runner, text, n_ctx, n_chunks)
+                rendered = _render_chat(runner, prompts, render_chat)
+                longest = max((len(p) for p in rendered), default=0)
+                if longest + gen_tokens > n_ctx:
+                    raise ReportError(
+                        f"a chat prompt of {longest} tokens plus {gen_tokens} answer tokens does not fit "
+                        f"in n_ctx={n_ctx}; shorten the prompt or raise n_ctx"
+                    )
+                timing_prompt = rendered[0] if rendered else chunks[0][: max(1, n_ctx // 16)]
+            text_s, pp_tps = _score_text(runner, chunks, ref, is_ref)
+            generated, gen_tps = _gen_speed(runner, timing_prompt, gen_tokens)
+            if is_ref:
+                # f16's greedy answers: the teacher-forced targets of every model's chat score. The
+                # timing run above already answered the first prompt.
+                for p, prompt in enumerate(rendered):
+                    answer = (_answer_until_eog(runner, generated) if p == 0
+                              else runner.generate(prompt, gen_tokens, stop_at_eog=True)[0])
+                    if answer:
+                        ref.chat_sequences.append((prompt + answer, len(prompt)))
+            chat_s = _score_chat(runner, ref, is_ref)
+            model_bytes, n_params = runner.size_stats()
+        finally:
+            runner.close()
+        kl, same, nll = text_s.cat()
+        ckl, csame, _ = chat_s.cat()
+        ppl = float(math.exp(nll.mean())) if len(nll) else float("nan")
+        if is_ref:
+            ref.ppl = ppl
+        rows.append(QuantMetrics(
+            quant=name,
+            file=path.name,
+            is_reference=is_ref,
+            size_bytes=path.stat().st_size,
+            n_params=n_params,
+            bits_per_weight=round(model_bytes * 8 / n_params, 4) if n_params else 0.0,
+            kl_mean=float(kl.mean()) if len(kl) else 0.0,
+            kl_p99=float(np.percentile(kl, 99)) if len(kl) else 0.0,
+            kl_max=float(kl.max()) if len(kl) else 0.0,
+            top1_agreement=float(same.mean()) if len(same) else 1.0,
+            ppl=ppl,
+            ppl_ratio=ppl / ref.ppl if ref.ppl and not math.isnan(ref.ppl) else float("nan"),
+            chat_kl_mean=float(ckl.mean()) if len(ckl) else None,
+            chat_top1_agreement=float(csame.mean()) if len(csame) else None,
+            prompt_tps=round(pp_tps, 2),
+            gen_tps=round(gen_tps, 2),
+            eval_seconds=round(time.perf_counter() - t0, 3),
+            quantize_seconds=(quantize_seconds or {}).get(name),
+        ))
+    chat_tokens = sum(len(seq) - start for seq, start in ref.chat_sequences)
+    q_total = sum(quantize_seconds.values()) if quantize_seconds else None
+    return QuantReport(
+        reference=reference_name,
+        eval_text=eval_path.name,
+        eval_text_sha256=sha256_file(eval_path),
+        n_ctx=n_ctx,
+        n_chunks=len(chunks),
+        scored_tokens=len(chunks) * (n_ctx - 1 - n_ctx // 2),
+        chat_prompts=len(ref.chat_sequences),
+        chat_tokens=chat_tokens,
+        n_threads=threads,
+        machine=_machine(),
+        llama_cpp_python=getattr(llama_cpp, "__version__", "unknown"),
+        measure_seconds=round(time.perf_counter() - started, 3),
+        quantize_seconds=round(q_total, 3) if q_total is not None else None,
+        rows=rows,
+    )
+
+
+def measure_candidates(
+    f16_path: Path,
+    work_dir: Path,
+    candidates: Sequence[str] = AUTO_CANDIDATES,
+    *,
+    stem: str | None = None,
+    on_progress: Callable[[str], None] | None = None,
+    **measure_kwargs: Any,
+) -> tuple[QuantReport, dict[str, Path]]:
+    """`--quant auto`'s evidence: quantize each candidate into `work_dir`, then measure them all.
+
+    Returns the report (with per-type and total quantize time) and the quantized files, which stay
+    in `work_dir` so the chosen one can be moved into the outputs without quantizing it again.
+    """
+    from tasks.quantize import check_quant_types, quantize_gguf
+
+    check_quant_types(list(candidates))
+    say = on_progress or (lambda _msg: None)
+    base = stem or Path(f16_path).stem
+    paths: dict[str, Path] = {}
+    seconds: dict[str, float] = {}
+    for quant in candidates:
+        dst = Path(work_dir) / f"{base}.{quant}.gguf"
+        say(f"quantizing candidate {quant}")
+        t0 = time.perf_counter()
+        quantize_gguf(Path(f16_path), dst, quant)
+        seconds[quant] = round(time.perf_counter() - t0, 3)
+        paths[quant] = dst
+    report = measure_quants(Path(f16_path), paths, quantize_seconds=seconds, on_progress=on_progress,
+                            **measure_kwargs)
+    return report, paths
+
+
+# ----------------------------------------------------------------------------- advising
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """`500MB` → 500 000 000 bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
+    match = _SIZE.match(str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise KilnError(f"cannot read {text!r} as a size; write it like 500MB, 1.5GB or 800MiB")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def human_size(n: int | float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def choose_quant(report: QuantReport, max_size_bytes: int | None = None, max_kl: float | None = None
+                 ) -> QuantChoice:
+    """Pick the measured quant type that best fits the bounds.
+
+    * `max_size_bytes` only: the lowest mean KL among the types whose file fits;
+    * `max_kl` only: the smallest file among the types whose mean KL is at most `max_kl`;
+    * both: the lowest KL among the types that satisfy both.
+    The reference (f16) is not a candidate. Raises `NoQuantFits` when nothing qualifies.
+    """
+    if max_size_bytes is None and max_kl is None:
+        raise KilnError("--quant auto needs a bound: --max-size (e.g. 500MB) or --max-kl (e.g. 0.05)")
+    candidates = [r for r in report.rows if not r.is_reference]
+    if not candidates:
+        raise NoQuantFits("the report measured no quant types to choose from")
+    bounds = " and ".join(
+        b for b in (
+            f"size ≤ {human_size(max_size_bytes)}" if max_size_bytes is not None else "",
+            f"KL ≤ {max_kl:g}" if max_kl is not None else "",
+        ) if b
+    )
+    rejected: dict[str, str] = {}
+    fits = []
+    for r in candidates:
+        why = []
+        if max_size_bytes is not None and r.size_bytes > max_size_bytes:
+            why.append(f"{human_size(r.size_bytes)} is over {human_size(max_size_bytes)}")
+        if max_kl is not None and r.kl_mean > max_kl:
+            why.append(f"KL {r.kl_mean:.4f} is over {max_kl:g}")
+        if why:
+            rejected[r.quant] = "; ".join(why)
+        else:
+            fits.append(r)
+    if not fits:
+        smallest = min(candidates, key=lambda r: r.size_bytes)
+        best = min(candidates, key=lambda r: r.kl_mean)
+        hints = []
+        if max_size_bytes is not None:
+            hints.append(f"the smallest measured type, {smallest.quant}, is {human_size(smallest.size_bytes)} "
+                         f"(KL {smallest.kl_mean:.4f})")
+        if max_kl is not None:
+            hints.append(f"the most faithful, {best.quant}, has KL {best.kl_mean:.4f} "
+                         f"({human_size(best.size_bytes)})")
+        raise NoQuantFits(
+            f"no measured quant type ({', '.join(r.quant for r in candidates)}) satisfies {bounds}: "
+            + "; ".join(hints) + ". Loosen the bound or name a quant type with --quant."
+        )
+    if max_size_bytes is not None:
+        pick = min(fits, key=lambda r: (r.kl_mean, r.size_bytes))
+        better = sorted((r for r in candidates if r.kl_mean < pick.kl_mean), key=lambda r: -r.kl_mean)
+        reason = (f"{pick.quant} has the lowest KL divergence from {report.reference} "
+                  f"({pick.kl_mean:.4f}, top-1 agreement {pick.top1_agreement:.1%}) of the "
+                  f"{len(fits)} measured type(s) within {bounds}, at {human_size(pick.size_bytes)}")
+        if better:
+            nxt = better[0]
+            reason += (f"; the next more faithful, {nxt.quant} (KL {nxt.kl_mean:.4f}), "
+                       f"is out: {rejected.get(nxt.quant, 'not in bounds')}")
+    else:
+        pick = min(fits, key=lambda r: (r.size_bytes, r.kl_mean))
+        smaller = sorted((r for r in candidates if r.size_bytes < pick.size_bytes), key=lambda r: -r.size_bytes)
+        reason = (f"{pick.quant} is the smallest ({human_size(pick.size_bytes)}) of the {len(fits)} measured "
+                  f"type(s) with {bounds}: its KL from {report.reference} is {pick.kl_mean:.4f}, "
+                  f"top-1 agreement {pick.top1_agreement:.1%}")
+        if smaller:
+            nxt = smaller[0]
+            reason += (f"; the next smaller, {nxt.quant} ({human_size(nxt.size_bytes)}), "
+                       f"is out: {rejected.get(nxt.quant, 'not in bounds')}")
+    reason += (f" (measured on {report.scored_tokens} tokens of {report.eval_text}"
+               + (f", {report.chat_tokens} chat-answer tokens" if report.chat_tokens else "") + ")")
+    return QuantChoice(
+        quant=pick.quant, size_bytes=pick.size_bytes, kl_mean=pick.kl_mean,
+        top1_agreement=pick.top1_agreement, reason=reason, max_size_bytes=max_size_bytes, max_kl=max_kl,
+        considered=[r.quant for r in candidates], rejected=rejected,
+    )
+
+
+# ----------------------------------------------------------------------------- showing
+
+_COLUMNS = ("quant", "size", "BPW", "KL mean", "KL p99", "top-1", "PPL", "chat KL", "chat top-1",
+            "prompt t/s", "gen t/s")
+
+
+def _cells(r: QuantMetrics) -> list[str]:
+    ref = " (ref)" if r.is_reference else ""
+    return [
+        f"{r.quant}{ref}",
+        human_size(r.size_bytes),
+        f"{r.bits_per_weight:.2f}",
+        "0" if r.is_reference else f"{r.kl_mean:.4f}",
+        "0" if r.is_reference else f"{r.kl_p99:.4f}",
+        f"{r.top1_agreement:.1%}",
+        f"{r.ppl:.3f}",
+        "–" if r.chat_kl_mean is None else ("0" if r.is_reference else f"{r.chat_kl_mean:.4f}"),
+        "–" if r.chat_top1_agreement is None else f"{r.chat_top1_agreement:.1%}",
+        f"{r.prompt_tps:.0f}",
+        f"{r.gen_tps:.1f}",
+    ]
+
+
+def _footer(report: QuantReport) -> str:
+    cost = f"measured in {report.measure_seconds:.1f} s"
+    if report.quantize_seconds is not None:
+        cost += f" after {report.quantize_seconds:.1f} s quantizing the candidates"
+    return (
+        f"KL divergence and top-1 agreement against {report.reference}, PPL on {report.scored_tokens} scored "
+        f"tokens ({report.n_chunks} chunk(s) of {report.n_ctx}, second halves, as llama-perplexity) of "
+        f"`{report.eval_text}` (sha256 {report.eval_text_sha256[:16]}…)"
+        + (f" and {report.chat_tokens} tokens of {report.reference}'s answers to {report.chat_prompts} chat "
+           "prompt(s)" if report.chat_tokens else "")
+        + f"; speed with {report.n_threads} thread(s) on {report.machine}, llama-cpp-python "
+        f"{report.llama_cpp_python}; {cost}."
+    )
+
+
+def report_markdown(report: QuantReport, choice: QuantChoice | None = None) -> str:
+    """A Markdown table, largest file first, for the Prefect artifact and `kiln report DIR`."""
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "| " + " | ".join("---" for _ in _COLUMNS) + " |"]
+    for r in report.by_size():
+        lines.append("| " + " | ".join(_cells(r)) + " |")
+    text = "### Quant types: quality, size, speed\n\n" + "\n".join(lines) + "\n\n" + _footer(report) + "\n"
+    if choice is not None:
+        text += f"\n**Chosen: {choice.quant}.** {choice.reason}.\n"
+    return text
+
+
+def rich_table(report: QuantReport, choice: QuantChoice | None = None) -> Table:
+    """The same table for the terminal (`rich.console.Console().print(rich_table(report))`)."""
+    from rich.table import Table
+
+    table = Table(title="Quant types: quality, size, speed", caption=_footer(report), caption_justify="left")
+    for col in _COLUMNS:
+        table.add_column(col, justify="left" if col == "quant" else "right")
+    for r in report.by_size():
+        style = "bold green" if choice is not None and r.quant == choice.quant else ("dim" if r.is_reference else None)
+        table.add_row(*_cells(r), style=style)
+    return table
+
+
+def plot_report(report: QuantReport, png_path: Path) -> Path:
+    """PNG: file size against mean KL divergence, one labelled point a quant type, f16 as the reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.add_subplot()
+    quants = [r for r in report.rows if not r.is_reference]
+    positive = [r.kl_mean for r in quants if r.kl_mean > 0]
+    floor = min(positive) / 3 if positive else 1e-4
+    xs = [r.size_bytes / 1e6 for r in quants]
+    ys = [max(r.kl_mean, floor) for r in quants]
+    ax.plot(*zip(*sorted(zip(xs, ys))) if xs else ([], []), color="0.75", zorder=1)
+    ax.scatter(xs, ys, zorder=2, color="tab:blue")
+    for r, x, y in zip(quants, xs, ys):
+        ax.annotate(r.quant, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    for r in report.rows:
+        if r.is_reference:
+            ax.axvline(r.size_bytes / 1e6, color="tab:red", linestyle="--", linewidth=1)
+            ax.annotate(f"{r.quant} (reference, KL 0)", (r.size_bytes / 1e6, floor), rotation=90,
+                        textcoords="offset points", xytext=(-11, 2), fontsize=8, color="tab:red")
+    ax.set_yscale("log")
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel(f"mean KL divergence from {report.reference} (nats/token, log scale)")
+    ax.set_title(f"Size against quality: {report.scored_tokens} tokens of {report.eval_text}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close("all")
+    return png_path
+
+
+def write_report_files(report: QuantReport, out_dir: Path, choice: QuantChoice | None = None,
+                       stem: str = "quant-report") -> dict[str, Path]:
+    """`quant-report.md` and `quant-report.png` beside the outputs; returns their paths."""
+    out_dir = Path(out_dir)
+    md = out_dir / f"{stem}.md"
+    with atomic_path(md) as tmp:
+        tmp.write_text(report_markdown(report, choice), encoding="utf-8")
+    png = plot_report(report, out_dir / f"{stem}.png")
+    return {"markdown": md, "plot": png}
+
+
+def move_chosen(paths: dict[str, Path], choice: QuantChoice, dst: Path) -> Path:
+    """Move the chosen candidate into place (no second quantization); delete the other candidates."""
+    src = paths[choice.quant]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(src), str(dst))
+    for quant, path in paths.items():
+        if quant != choice.quant:
+            path.unlink(missing_ok=True)
+    return dst

@@ -1,0 +1,119 @@
+"""Round trip: each dialect's Go template renders exactly what its reference
+Jinja templates render (add_generation_prompt=True) over the message matrix.
+
+The Go side runs through Kiln's own renderer (templates/gorender, built with
+`go build`), which assembles messages as Ollama's /api/chat does, with the
+reference's default system prompt as the Modelfile SYSTEM. A case the
+reference itself refuses (Gemma has no system role) cannot be compared; it
+is listed, and the Go template must still render it without error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+import templates
+from tasks.template_check import (
+    MESSAGE_MATRIX,
+    GoRenderer,
+    GoRenderError,
+    GoRenderJob,
+    JinjaChatTemplate,
+    ConversationRefused,
+    check_template_text,
+)
+from tests.fixtures_gotemplate import go_renderer  # noqa: F401
+
+REFERENCES = [
+    (row.dialect, ref) for row in (templates.get_dialect(d) for d in templates.registered_dialects())
+    for ref in row.references
+]
+PAIRS = [(dialect, ref, case) for dialect, ref in REFERENCES for case in MESSAGE_MATRIX]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    jinja: str | None  # None: the reference refuses the conversation
+    refusal: str | None
+    go: str | GoRenderError
+
+
+@pytest.fixture(scope="module")
+def outcomes(go_renderer: GoRenderer) -> dict[tuple[str, str], Outcome]:  # noqa: F811
+    """Every (reference, case) rendered both ways, the Go side in one batch."""
+    jinja_side: list[tuple[str | None, str | None]] = []
+    jobs: list[GoRenderJob] = []
+    compiled = {
+        ref.file_name: JinjaChatTemplate(ref.read(), {"bos_token": ref.bos_token, "eos_token": ref.eos_token})
+        for _, ref in REFERENCES
+    }
+    for dialect, ref, case in PAIRS:
+        jinja = compiled[ref.file_name]
+        try:
+            jinja_side.append((jinja.render(case.messages, think=case.think), None))
+        except ConversationRefused as exc:
+            jinja_side.append((None, exc.message))
+        jobs.append(GoRenderJob(
+            template=templates.load_template_text(dialect), messages=case.messages,
+            system=ref.system, think=case.think,
+        ))
+    go_side = go_renderer.render_many(jobs)
+    return {
+        (ref.file_name, case.name): Outcome(jinja=j, refusal=r, go=g)
+        for (_, ref, case), (j, r), g in zip(PAIRS, jinja_side, go_side)
+    }
+
+
+@pytest.mark.parametrize(
+    ("dialect", "reference", "case"),
+    PAIRS,
+    ids=[f"{ref.file_name.removesuffix('.jinja')}-{case.name}" for _, ref, case in PAIRS],
+)
+def test_go_render_equals_jinja_render(dialect, reference, case, outcomes) -> None:
+    outcome = outcomes[(reference.file_name, case.name)]
+    assert not isinstance(outcome.go, GoRenderError), outcome.go
+    if outcome.jinja is None:
+        # Only a system message is ever refused by a reference (Gemma's
+        # "System role not supported"); anything else would hide a gap.
+        assert case.has_system, f"{reference.model} refuses {case.name!r}: {outcome.refusal}"
+        return
+    assert outcome.go == outcome.jinja
+
+
+@pytest.mark.parametrize(("dialect", "reference"), REFERENCES, ids=[r.file_name for _, r in REFERENCES])
+def test_check_picks_the_dialect_and_infers_the_default_system(dialect, reference, go_renderer) -> None:  # noqa: F811
+    check = check_template_text(
+        reference.read(), bos_token=reference.bos_token, eos_token=reference.eos_token,
+        renderer=go_renderer, source=reference.file_name,
+    )
+    assert check.dialect == dialect
+    # The matrix tells the dialects apart: exactly one matches each reference.
+    assert check.candidates == (dialect,)
+    assert check.system == reference.system
+    assert check.verified and check.cases_checked + len(check.cases_skipped) == len(MESSAGE_MATRIX)
+
+
+def test_verified_flags_are_exactly_the_dialects_with_references(outcomes) -> None:
+    for dialect in templates.registered_dialects():
+        row = templates.get_dialect(dialect)
+        assert row.verified == bool(row.references)
+        for ref in row.references:
+            compared = [o for (f, _), o in outcomes.items() if f == ref.file_name and o.jinja is not None]
+            assert compared and all(o.go == o.jinja for o in compared), ref.file_name
+    assert set(templates.verified_dialects()) == {"chatml", "qwen3thinking", "gemma2", "smollm3", "llama3", "phi3", "mistral"}
+    assert not templates.get_dialect("olmo2").verified and not templates.get_dialect("phi4mini").verified
+
+
+def test_report_matrix(outcomes) -> None:
+    compared = sum(1 for o in outcomes.values() if o.jinja is not None)
+    refused = len(outcomes) - compared
+    unverified = [d for d in templates.registered_dialects() if not templates.get_dialect(d).verified]
+    print(
+        f"\nround-trip matrix: {len(MESSAGE_MATRIX)} message sets x {len(REFERENCES)} reference templates: "
+        f"{compared} compared, {refused} refused by the reference\n"
+        f"verified dialects: {', '.join(templates.verified_dialects())}\n"
+        f"unverified dialects (no reference): {', '.join(unverified)}"
+    )
+    assert compared >= len(REFERENCES) * 10
