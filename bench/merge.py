@@ -216,7 +216,16 @@ def main() -> None:
         print(f"making the synthetic model ({args.factor}x layers) ...", flush=True)
         run_child("make-big", {"base_dir": str(demo_dir), "adapter": str(adapter), "out_model": str(big_dir),
                                "out_adapter": str(big_adapter), "factor": args.factor}, base_env)
-    big_gguf, _ = convert_to_gguf(big_dir, content_key(fingerprint(model_files(big_dir), big_dir)), "f16", toolchain)
+    # The synthetic model's conversion stays in the work folder, out of the user's cache.
+    user_cache = os.environ.get("KILN_CACHE_DIR")
+    os.environ["KILN_CACHE_DIR"] = str(work / "inputs-cache")
+    try:
+        big_gguf, _ = convert_to_gguf(big_dir, content_key(fingerprint(model_files(big_dir), big_dir)), "f16", toolchain)
+    finally:
+        if user_cache is None:
+            os.environ.pop("KILN_CACHE_DIR")
+        else:
+            os.environ["KILN_CACHE_DIR"] = user_cache
 
     results: dict[str, dict] = {}
     cases = [

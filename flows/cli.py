@@ -73,6 +73,10 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
     if manifest is not None:
         status = f"outputs in {request.out_dir} are up to date (hashes match the manifest); nothing to do"
     else:
+        from tasks.fetch import source_ref
+        from tasks.preflight import check_request
+
+        check_request(request, source_ref(request))
         console.print(f"exporting ({why})")
         from flows.export import export
 
@@ -99,6 +103,8 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--no-verify", is_flag=True, help="Skip running the outputs and the transformers comparison."),
         click.option("--accept-license", is_flag=True, help="Accept the base's licence where it requires acceptance."),
         click.option("--force", is_flag=True, help="Export again even when the outputs are up to date."),
+        click.option("--dialect", help="Chat-template dialect when the model's own template is not recognised."),
+        click.option("--ollama-name", help="Register with Ollama (OLLAMA_HOST) under this name."),
         click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout."),
     ]
     for option in reversed(options):
@@ -112,12 +118,20 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Comma-separated quant types, e.g. q4_k_m,q8_0.")
 @export_options
 @fail_cleanly
+@click.option("--resolve-revision", is_flag=True, help="Resolve a Hub branch or tag to its commit once, and record it.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Allow pickled *.bin/*.pt weights. Dangerous: unpickling can run arbitrary code.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow a model whose config asks for its own code.")
 def export_command(source: str, quants: str, out_dir: Path | None, outtype: str | None, name: str | None,
-                   no_verify: bool, accept_license: bool, force: bool, as_json: bool) -> None:
-    """Export SOURCE (a registry key, a local Hugging Face folder, hf:ORG/NAME@SHA, or `demo`) to GGUF."""
+                   no_verify: bool, accept_license: bool, force: bool, dialect: str | None, ollama_name: str | None,
+                   as_json: bool, resolve_revision: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
+    """Export SOURCE to GGUF: a registry key, a local Hugging Face folder or GGUF file,
+    hf:ORG/NAME@SHA, hf:ORG/NAME@SHA#PATTERN.gguf (a prebuilt GGUF), or `demo`."""
     request = build_request(
         source=source, quants=[q for q in quants.split(",") if q.strip()], out_dir=str(out_dir) if out_dir else None,
-        outtype=outtype, name=name, verify=not no_verify, accept_license=accept_license,
+        outtype=outtype, name=name, verify=not no_verify, accept_license=accept_license, dialect=dialect,
+        ollama_name=ollama_name, resolve_revision=resolve_revision, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
     )
     run_export_command(request, as_json, force)
 
@@ -126,11 +140,12 @@ def export_command(source: str, quants: str, out_dir: Path | None, outtype: str 
 @export_options
 @fail_cleanly
 def demo_command(out_dir: Path | None, outtype: str | None, name: str | None, no_verify: bool,
-                 accept_license: bool, force: bool, as_json: bool) -> None:
+                 accept_license: bool, force: bool, dialect: str | None, ollama_name: str | None,
+                 as_json: bool) -> None:
     """Export the embedded SmolLM2-135M-Instruct to f16, Q8_0 and Q4_K_M, run each, and summarise. No network."""
     request = build_request(
         source="demo", quants=list(DEMO_QUANTS), out_dir=str(out_dir or "kiln-demo"), outtype=outtype, name=name,
-        verify=not no_verify, accept_license=accept_license,
+        verify=not no_verify, accept_license=accept_license, dialect=dialect, ollama_name=ollama_name,
     )
     run_export_command(request, as_json, force)
 

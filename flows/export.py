@@ -13,9 +13,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from registry.models import Check, ExportRequest, Manifest, OutputFile, ResolvedSource
+from registry.models import Check, ExportRequest, Manifest, OllamaPlan, OutputFile, ResolvedSource
 from tasks.convert import gguf_cache_path, place_output
-from tasks.fetch import display_name, parse_source
+from tasks.fetch import SourceRef, display_name, source_ref
 from tasks.files import remove_stale_temporaries, safe_child, sha256_file
 from tasks.manifest import KILN_VERSION, content_key, now_iso, request_key, write_manifest
 from tasks.toolchain import Toolchain, current_toolchain
@@ -33,23 +33,26 @@ def convert_and_quantize(
 ) -> dict[str, Path]:
     """The heavy part: one cached float conversion, then every quant type from it. Returns cache paths."""
     from tasks.convert import convert_to_gguf
+    from tasks.preflight import gguf_file_type
     from tasks.quantize import quantize_gguf
 
     logger = get_run_logger()
     key = content_key(source.files)
-    base, reused = convert_to_gguf.task(Path(source.path), key, request.outtype, toolchain)
-    logger.info("base %s GGUF %s", request.outtype, "reused from cache" if reused else "converted")
-    results = {request.outtype: base}
-    todo = [q for q in request.quants if q != request.outtype]
+    if source.kind == "gguf":
+        base, base_label = Path(source.path), gguf_file_type(Path(source.path))
+        logger.info("prebuilt %s GGUF: no conversion", base_label)
+    else:
+        base, reused = convert_to_gguf.task(Path(source.path), key, request.outtype, toolchain)
+        base_label = request.outtype
+        logger.info("base %s GGUF %s", base_label, "reused from cache" if reused else "converted")
+    results = {base_label: base}
+    todo = [q for q in request.quants if q != base_label]
     workers = max(1, min(parallel or len(todo) or 1, os.cpu_count() or 1))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    futures = {}
-    for quant in todo:
-        target = gguf_cache_path(key, quant, toolchain)
-        if target.is_file():
-            results[quant] = target
-            continue
-        futures[quant] = quantize_gguf.task.submit(base, target, quant, threads)
+    futures = {
+        quant: quantize_gguf.task.submit(base, gguf_cache_path(key, quant, toolchain), quant, threads)
+        for quant in todo
+    }
     for quant, future in futures.items():
         results[quant] = future.result()
     return results
@@ -58,7 +61,8 @@ def convert_and_quantize(
 def run_export(request: ExportRequest) -> Manifest:
     """Every step of an export, in order; runs inside the `export` flow."""
     from tasks.fetch import fetch_source, locate_metadata
-    from tasks.preflight import check_weights, run_preflight
+    from tasks.modelfile import write_modelfiles
+    from tasks.preflight import run_preflight
     from tasks.verify import verify_outputs
 
     timings: dict[str, float] = {}
@@ -70,14 +74,13 @@ def run_export(request: ExportRequest) -> Manifest:
     out_dir = Path(request.out_dir)
     t0 = time.perf_counter()
     toolchain = current_toolchain()
-    ref = parse_source(request.source)
+    ref = source_ref(request)
     metadata_folder, derived_from = locate_metadata(ref)
     report = run_preflight.task(ref, metadata_folder, request, toolchain)
     lap("preflight", t0)
 
     t0 = time.perf_counter()
     source = fetch_source(ref, metadata_folder, derived_from)
-    check_weights(Path(source.path))
     lap("fetch", t0)
 
     t0 = time.perf_counter()
@@ -88,18 +91,31 @@ def run_export(request: ExportRequest) -> Manifest:
     if request.verify:
         t0 = time.perf_counter()
         hf_dir = Path(source.path) if source.kind != "gguf" else None
-        checks += verify_outputs.task(cached, hf_dir, request.outtype)
+        checks += verify_outputs.task(cached, hf_dir, request.outtype if hf_dir else None)
         lap("verify", t0)
 
     t0 = time.perf_counter()
     stem = request.name or display_name(ref)
     remove_stale_temporaries(out_dir)
-    outputs = []
-    for quant, path in cached.items():
+    placed: dict[str, str] = {}
+    # The user's quant types first: a tagged --ollama-name goes to their first choice.
+    for quant in sorted(cached, key=lambda q: (q not in request.quants, request.quants.index(q) if q in request.quants else 0)):
         final = safe_child(out_dir, output_name(stem, quant))
-        place_output(path, final)
-        outputs.append(OutputFile(path=final.name, quant=quant, size=final.stat().st_size, sha256=sha256_file(final)))
+        place_output(cached[quant], final)
+        placed[quant] = final.name
+    ollama = None
+    if report.chat is not None:
+        ollama = write_modelfiles.task(out_dir, placed, report.chat.dialect, report.chat.verified, report.chat.system,
+                                       licence_line(ref), request.ollama_name)
+    outputs = [record_output(out_dir, name, quant) for quant, name in placed.items()]
+    if ollama is not None:
+        outputs += [record_output(out_dir, m.modelfile, m.quant) for m in ollama.models]
     lap("outputs", t0)
+
+    if ollama is not None and request.ollama_name:
+        t0 = time.perf_counter()
+        checks.append(register_or_defer(out_dir, ollama))
+        lap("register", t0)
     timings["total"] = round(time.perf_counter() - started, 3)
 
     manifest = Manifest(
@@ -112,10 +128,38 @@ def run_export(request: ExportRequest) -> Manifest:
         checks=checks,
         timings=timings,
         created_at=now_iso(),
+        ollama=ollama,
     )
     write_manifest(out_dir, manifest)
     publish_summary(manifest)
     return manifest
+
+
+def record_output(out_dir: Path, name: str, quant: str) -> OutputFile:
+    path = out_dir / name
+    return OutputFile(path=name, quant=quant, size=path.stat().st_size, sha256=sha256_file(path))
+
+
+def licence_line(ref: SourceRef) -> str | None:
+    spec = ref.spec
+    if spec is None:
+        return None
+    return f"{spec.license_spdx}" + (f" ({spec.license_url})" if spec.license_url else "")
+
+
+def register_or_defer(out_dir: Path, plan: OllamaPlan) -> Check:
+    """Register with Ollama; with no server reachable the export still succeeds and says how to finish."""
+    from tasks.register import OllamaUnreachable, register_outputs
+
+    try:
+        results = register_outputs.task(out_dir, plan)
+    except OllamaUnreachable as exc:
+        return Check(name="ollama registration", target="ollama", passed=True,
+                     detail=f"deferred: {exc}. Register later with: kiln register {out_dir}")
+    names = ", ".join(r.name for r in results)
+    uploaded = sum(r.uploaded_bytes for r in results)
+    return Check(name="ollama registration", target="ollama", passed=True,
+                 detail=f"registered {names} ({uploaded / 1e6:.1f} MB uploaded)")
 
 
 def summary_markdown(manifest: Manifest) -> str:

@@ -46,6 +46,24 @@ class ExportRequest(BaseModel):
     )
     verify: bool = Field(True, description="Run every GGUF and compare the f16 file with the Hugging Face model.")
     accept_license: bool = Field(False, description="Accept the base's licence where it requires acceptance.")
+    resolve_revision: bool = Field(False, description="Resolve a Hub branch or tag to its commit SHA once, and record it.")
+    allow_pickle: bool = Field(False, description="Allow pickled *.bin/*.pt weights (they can run code when loaded).")
+    trust_remote_code: bool = Field(False, description="Allow a model whose config asks for custom code (not registry keys: their spec decides).")
+    dialect: str | None = Field(None, description="Chat-template dialect for the Modelfile when the model's own template is not recognised.")
+    ollama_name: str | None = Field(None, description="Register the outputs with Ollama under this name (tag = quant type unless given).")
+
+    @field_validator("ollama_name")
+    @classmethod
+    def _valid_ollama_name(cls, value: str | None) -> str | None:
+        if value is not None:
+            from tasks.errors import KilnError
+            from tasks.ollama_name import parse_model_name
+
+            try:
+                parse_model_name(value)
+            except KilnError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("quants")
     @classmethod
@@ -111,6 +129,29 @@ class OutputFile(BaseModel):
     sha256: str
 
 
+class OllamaModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    quant: str
+    gguf: str = Field(..., description="GGUF file, relative to the output folder.")
+    modelfile: str = Field(..., description="Modelfile, relative to the output folder.")
+    name: str | None = Field(None, description="The Ollama name to register it under.")
+    registered: bool = False
+
+
+class OllamaPlan(BaseModel):
+    """The chat side of an export: which dialect, whether it was verified, the stops, the Modelfiles."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dialect: str
+    verified: bool
+    system: str | None
+    stops: list[str]
+    warnings: list[str] = Field(default_factory=list)
+    models: list[OllamaModel] = Field(default_factory=list)
+
+
 class Manifest(BaseModel):
     """`manifest.json`: enough to reproduce an export and to tell that it is up to date."""
 
@@ -125,3 +166,4 @@ class Manifest(BaseModel):
     checks: list[Check]
     timings: dict[str, float] = Field(default_factory=dict)
     created_at: str
+    ollama: OllamaPlan | None = None

@@ -19,7 +19,7 @@ from filelock import FileLock
 
 from tasks.errors import ConversionFailed
 from tasks.step import step
-from tasks.files import atomic_path, cache_dir
+from tasks.files import atomic_path, cache_dir, sha256_file, write_text_atomic
 from tasks.toolchain import Toolchain, converter_env
 
 _ERROR_LINE = re.compile(r"(Error|error|Exception|NotImplementedError|not supported|Traceback)")
@@ -73,20 +73,32 @@ def convert_to_gguf(
 ) -> tuple[Path, bool]:
     """The float GGUF for `model_dir`; returns (path, reused_from_cache)."""
     final = gguf_cache_path(content_key, outtype, toolchain)
+
+    def build(tmp: Path) -> None:
+        run_converter("convert_hf_to_gguf.py", ["--outtype", outtype, "--outfile", str(tmp), str(model_dir)],
+                      toolchain, on_line)
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise ConversionFailed(f"the converter exited cleanly but wrote nothing for {model_dir}")
+
+    return cached_build(final, build)
+
+
+def cached_build(final: Path, build: Callable[[Path], None]) -> tuple[Path, bool]:
+    """`final` from the cache when its recorded sha256 still matches, else built by `build(tmp)`.
+
+    One builder per entry across processes (a file lock): a second process waits,
+    then finds the file. Outputs are hard links to cache entries, so an output
+    edited in place would change the entry too; the hash check catches that.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
-    # One converter per cache entry: a second process waits, then finds the file.
+    stamp = final.with_name(final.name + ".sha256")
     with FileLock(str(final) + ".lock"):
-        if final.is_file():
+        if final.is_file() and stamp.is_file() and stamp.read_text().strip() == sha256_file(final):
             return final, True
+        final.unlink(missing_ok=True)
         with atomic_path(final) as tmp:
-            run_converter(
-                "convert_hf_to_gguf.py",
-                ["--outtype", outtype, "--outfile", str(tmp), str(model_dir)],
-                toolchain,
-                on_line,
-            )
-            if not tmp.is_file() or tmp.stat().st_size == 0:
-                raise ConversionFailed(f"the converter exited cleanly but wrote nothing for {model_dir}")
+            build(tmp)
+        write_text_atomic(stamp, sha256_file(final) + "\n")
     return final, False
 
 

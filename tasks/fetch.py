@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from registry import get_base, load_registry
-from registry.models import ResolvedSource, SourceFile
+from registry.models import ExportRequest, ResolvedSource, SourceFile
 from registry.spec import SHA_RE, BaseModelSpec
 from tasks.errors import (
     HubUnreachable,
@@ -162,6 +162,12 @@ def parse_source(
         f"{source!r} is neither a registry key nor a folder; known keys: {', '.join(sorted(load_registry()))}. "
         "Pass a local Hugging Face folder, hf:ORG/NAME@SHA, or `demo`."
     )
+
+
+def source_ref(request: ExportRequest) -> SourceRef:
+    """The parsed source of an export request, with the request's source options."""
+    return parse_source(request.source, resolve_revision=request.resolve_revision,
+                        allow_pickle=request.allow_pickle, trust_remote_code=request.trust_remote_code)
 
 
 def _no_pattern(gguf_file: str | None, source: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from registry.models import ExportRequest, Manifest, OutputFile, SourceFile
-from tasks.fetch import SourceRef, fingerprint, model_files, parse_source
+from tasks.fetch import SourceRef, fingerprint, model_files, source_ref
 from tasks.files import safe_child, sha256_file, write_text_atomic
 from tasks.toolchain import Toolchain, current_toolchain
 
@@ -100,10 +100,12 @@ def find_up_to_date(request: ExportRequest) -> tuple[Manifest | None, str]:
     manifest = read_manifest(out_dir)
     if manifest is None:
         return None, "no manifest yet"
-    same_request = manifest.request.model_dump(exclude={"verify"}) == request.model_dump(exclude={"verify"})
+    # Where the folder lies and whether checks ran do not change what the files are.
+    ignored = {"verify", "out_dir"}
+    same_request = manifest.request.model_dump(exclude=ignored) == request.model_dump(exclude=ignored)
     if not same_request:
         return None, "the request differs from the last export"
-    ref = parse_source(request.source)
+    ref = source_ref(request)
     folder = _local_folder(ref)
     if folder is None:
         return None, "the source is not in the local cache"

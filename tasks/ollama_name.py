@@ -11,6 +11,7 @@ first, before any conversion runs, with the part and the rule it breaks.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -182,3 +183,21 @@ def default_ollama_name(base_name: str, quant: str) -> str:
     name = f"{model}:{tag}"
     parse_model_name(name)  # the sanitizer's output must pass the server's rules
     return name
+
+
+def ollama_names_for(name: str, quants: Sequence[str]) -> dict[str, str]:
+    """Which output gets which Ollama name.
+
+    A name with its own tag (`mymodel:v1`) names one model: the first quant type
+    in `quants` (the user's first choice). A name without a tag registers every
+    quant type under `<name>:<quant>`.
+    """
+    parse_model_name(name)
+    if ":" in name.rsplit("/", 1)[-1]:
+        return {quants[0]: name} if quants else {}
+    names = {}
+    for quant in quants:
+        tag = _sanitize_part(quant)
+        names[quant] = f"{name}:{tag}"
+        parse_model_name(names[quant])
+    return names

@@ -9,7 +9,6 @@ writes says what the real conversion will write.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -32,9 +31,9 @@ from tasks.errors import (
     SourceInvalid,
     SpecMismatch,
 )
-from tasks.fetch import METADATA_PATTERNS, SourceRef, read_config
+from tasks.fetch import METADATA_PATTERNS, SourceRef, check_safetensors, model_files, planned_weight_bytes, read_config
 from tasks.files import cache_dir, sha256_file, sha256_text, write_text_atomic
-from tasks.quantize import check_quant_types, estimated_size
+from tasks.quantize import BITS_PER_WEIGHT, FLOAT_TYPES, check_quant_types, estimated_size, known_quant_types
 from tasks.step import step
 from tasks.toolchain import Toolchain, registered_architectures
 
@@ -57,6 +56,17 @@ class ConverterProbe(BaseModel):
     chat_template: str | None
 
 
+class DialectChoice(BaseModel):
+    """The Modelfile's chat side, settled before any heavy work."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dialect: str
+    verified: bool
+    system: str | None
+    detail: str
+
+
 class PreflightReport(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -65,6 +75,29 @@ class PreflightReport(BaseModel):
     params: int
     estimated_bytes: int
     checks: list[Check]
+    chat: DialectChoice | None = None
+
+
+def choose_dialect(template_source: Path, wanted: str | None) -> DialectChoice | None:
+    """The dialect whose Go template renders what the model's Jinja template renders.
+
+    `wanted` (the spec's dialect or --dialect) is checked rather than searched for.
+    A model with no chat template and no dialect gets no Modelfile: None.
+    """
+    from tasks.template_check import GoToolchainMissing, NoChatTemplate, check_template
+
+    try:
+        check = check_template(template_source, dialect=wanted)
+    except NoChatTemplate:
+        return None
+    except GoToolchainMissing as exc:
+        if wanted is None:
+            raise
+        return DialectChoice(dialect=wanted, verified=False, system=None, detail=f"not verified: {exc}")
+    assert check.dialect is not None
+    detail = (f"{check.dialect}: Go template renders the model's template exactly on {check.cases_checked} cases"
+              if check.verified else f"{check.dialect}: not verified against the model's template")
+    return DialectChoice(dialect=check.dialect, verified=check.verified, system=check.system, detail=detail)
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -95,55 +128,15 @@ def check_architecture(architecture: str, toolchain: Toolchain) -> None:
         )
 
 
-def safetensors_tensor_bytes(path: Path) -> tuple[int, int]:
-    """(parameter count, data bytes) from a safetensors header; refuses a truncated or malformed file."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) < 8:
-            raise SourceInvalid(f"{path.name} is truncated (only {size} bytes); re-download it")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len > min(size - 8, 100 * 1024 * 1024):
-            raise SourceInvalid(f"{path.name} has a corrupt header (claims {header_len} bytes); re-download it")
-        try:
-            header = json.loads(fh.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise SourceInvalid(f"{path.name} has a corrupt header; re-download it") from None
-    params, end = 0, 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        count = 1
-        for dim in info.get("shape", []):
-            count *= dim
-        params += count
-        end = max(end, info["data_offsets"][1])
-    if 8 + header_len + end != size:
-        raise SourceInvalid(
-            f"{path.name} is {size} bytes but its header describes {8 + header_len + end}: "
-            "the file is truncated or corrupt; re-download it"
-        )
-    return params, end
-
-
-def check_weights(folder: Path) -> int:
-    """Every safetensors shard present and whole; returns the parameter count."""
-    shards = sorted(folder.glob("*.safetensors"))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            named = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise SourceInvalid(f"{index} is not a valid safetensors index") from None
-        missing = sorted(n for n in named if not (folder / n).is_file())
-        if missing:
-            raise SourceInvalid(f"{index.name} names shard(s) not in {folder}: {', '.join(missing)}; re-download them")
-    if not shards:
-        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth"})
-        hint = (f" It holds pickled weights ({', '.join(pickles)}), which Kiln does not load by default: "
-                "pickles can run code when read.") if pickles else ""
-        raise SourceInvalid(f"{folder} has no *.safetensors weights.{hint}")
-    return sum(safetensors_tensor_bytes(s)[0] for s in shards)
+def local_weight_params(folder: Path, allow_pickle: bool = False) -> int:
+    """Whole, present weights in a local folder; returns a parameter estimate (16-bit weights assumed)."""
+    weights = [p for p in model_files(folder, allow_pickle=allow_pickle) if p.suffix != ".json" and p.name not in METADATA_PATTERNS]
+    if not weights:
+        raise SourceInvalid(f"{folder} has no *.safetensors weights")
+    for path in weights:
+        if path.suffix == ".safetensors":
+            check_safetensors(path, path.name)
+    return sum(p.stat().st_size for p in weights) // 2
 
 
 def _probe_cache_key(folder: Path, toolchain: Toolchain) -> str:
@@ -186,15 +179,19 @@ def probe_converter(folder: Path, toolchain: Toolchain) -> ConverterProbe:
             if "is not supported" in text or "not supported!" in text:
                 raise ArchitectureUnsupported(f"the pinned converter refuses this model: {exc}") from None
             raise
-        probe = _read_probe(out)
+        probe = read_gguf_probe(out)
     write_text_atomic(cache_file, probe.model_dump_json())
     return probe
 
 
-def _read_probe(path: Path) -> ConverterProbe:
+def read_gguf_probe(path: Path) -> ConverterProbe:
+    """What a GGUF file says about itself, in the same record a conversion probe gives."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(path)
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise SourceInvalid(f"{path.name} is not a readable GGUF file ({exc})") from None
 
     def field(name: str):
         f = reader.fields.get(name)
@@ -262,6 +259,13 @@ def check_disk(paths: list[Path], need: int) -> None:
         )
 
 
+def check_request(request: ExportRequest, ref: SourceRef) -> None:
+    """The checks that need nothing but the request: the CLI makes them before Prefect even starts."""
+    check_quant_types(request.quants)
+    check_license(ref.spec, request.accept_license)
+    check_output_dir(Path(request.out_dir))
+
+
 @step(name="preflight")
 def run_preflight(
     ref: SourceRef,
@@ -271,9 +275,11 @@ def run_preflight(
     base_cached: bool = False,
 ) -> PreflightReport:
     """Every check that needs no weights; raises the first refusal with its cause and fix."""
-    check_output_dir(Path(request.out_dir))
-    check_quant_types(request.quants)
-    check_license(ref.spec, request.accept_license)
+    check_request(request, ref)
+    wanted_dialect = request.dialect or (ref.spec.template if ref.spec else None)
+    chat = choose_dialect(metadata_folder, wanted_dialect)
+    if ref.is_gguf:
+        return _preflight_gguf(metadata_folder, request, chat)
     config = read_config(metadata_folder)
     architecture = architecture_of(config, metadata_folder)
     check_architecture(architecture, toolchain)
@@ -281,10 +287,12 @@ def run_preflight(
     if ref.spec is not None:
         check_spec(ref.spec, architecture, probe)
     if ref.kind in ("local", "demo"):
-        params = check_weights(metadata_folder)
+        params = local_weight_params(metadata_folder, ref.allow_pickle)
+    elif ref.spec is not None:
+        params = ref.spec.params
     else:
-        # Hub weights are not here yet: the spec's count, or (no spec) the check after fetch.
-        params = ref.spec.params if ref.spec is not None else 0
+        # Hub weights are not here yet: their sizes from the Hub's file list at the pinned commit.
+        params = (planned_weight_bytes(ref, metadata_folder) or 0) // 2
     need = estimate_bytes(params, request, base_cached)
     check_disk([Path(request.out_dir), cache_dir()], need)
     checks = [
@@ -296,4 +304,44 @@ def run_preflight(
     if ref.spec is not None:
         checks.append(Check(name="spec matches converter", target=ref.spec.key, passed=True,
                             detail=f"gguf_arch={ref.spec.gguf_arch}, tokenizer_pre={ref.spec.tokenizer_pre}"))
-    return PreflightReport(architecture=architecture, probe=probe, params=params, estimated_bytes=need, checks=checks)
+    checks.append(_chat_check(chat))
+    return PreflightReport(architecture=architecture, probe=probe, params=params, estimated_bytes=need,
+                           checks=checks, chat=chat)
+
+
+def _chat_check(chat: DialectChoice | None) -> Check:
+    if chat is None:
+        return Check(name="chat template", target="source", passed=True,
+                     detail="no chat template and no --dialect: GGUF files only, no Modelfile")
+    return Check(name="chat template", target="source", passed=True, detail=chat.detail)
+
+
+def gguf_file_type(path: Path) -> str:
+    """The quant type a GGUF's tensors are mostly in (`general.file_type`), by Kiln's name for it."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get("general.file_type")
+    code = int(field.contents()) if field is not None else 1
+    names = {v: k for k, v in known_quant_types().items()}
+    return names.get(code, "f16" if code == 1 else f"ftype{code}")
+
+
+def _preflight_gguf(path: Path, request: ExportRequest, chat: DialectChoice | None) -> PreflightReport:
+    """A prebuilt GGUF skips conversion: check what it says about itself and what requantizing it costs."""
+    probe = read_gguf_probe(path)
+    label = gguf_file_type(path)
+    params = int(path.stat().st_size * 8 / BITS_PER_WEIGHT.get(label, 8.0))
+    need = int(sum(estimated_size(params, q) for q in request.quants) * DISK_MARGIN)
+    check_disk([Path(request.out_dir), cache_dir()], need)
+    checks = [
+        Check(name="gguf source", target="source", passed=True,
+              detail=f"{probe.gguf_arch}, {label}, pre-tokenizer {probe.tokenizer_pre}"),
+        Check(name="quant types", target="request", passed=True, detail=", ".join(request.quants) or "none"),
+        Check(name="disk", target="request", passed=True, detail=f"needs about {need / 1e6:.0f} MB"),
+    ]
+    if label not in FLOAT_TYPES and request.quants:
+        checks.append(Check(name="requantize", target="source", passed=True,
+                            detail=f"the source is already {label}: requantizing loses more than quantizing from f16"))
+    checks.append(_chat_check(chat))
+    return PreflightReport(architecture=probe.gguf_arch, probe=probe, params=params, estimated_bytes=need,
+                           checks=checks, chat=chat)

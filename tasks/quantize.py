@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
 
 from tasks.errors import QuantizationFailed, QuantTypeUnknown
 from tasks.step import step
-from tasks.files import atomic_path
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 # llama-quantize refuses these without an importance matrix: the result would be garbage.
@@ -58,17 +58,23 @@ def estimated_size(params: int, quant: str) -> int:
 
 @step(name="quantize")
 def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None) -> Path:
-    """Write `dst` as `quant` from the float GGUF `src`; atomic, so a failure leaves nothing at `dst`."""
+    """Write `dst` as `quant` from the GGUF `src` (a cache entry: reused while its hash holds)."""
     import llama_cpp
 
-    ftype = known_quant_types().get(quant)
-    if ftype is None:
-        check_quant_types([quant])
+    from tasks.convert import cached_build
+
+    # libllama logs a line per tensor through llama-cpp-python's logger; keep errors only.
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    check_quant_types([quant])
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
+    params.ftype = known_quant_types()[quant]
     params.nthread = nthread or os.cpu_count() or 1
-    with atomic_path(dst) as tmp:
+    # A prebuilt GGUF may already be quantized; libllama refuses to requantize unless told.
+    params.allow_requantize = True
+
+    def build(tmp: Path) -> None:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise QuantizationFailed(f"libllama could not quantize {src.name} to {quant} (return code {rc})")
-    return dst
+
+    return cached_build(dst, build)[0]

@@ -32,7 +32,9 @@ import httpx
 import ollama
 from pydantic import BaseModel, ConfigDict
 
+from registry.models import OllamaPlan
 from tasks.errors import KilnError
+from tasks.step import step
 from tasks.files import sha256_file
 from tasks.modelfile import Modelfile
 from tasks.ollama_name import parse_model_name
@@ -395,3 +397,28 @@ def ollama_server_version(host: str | None = None, *, timeout: float = 5.0) -> s
         raise RegistrationError(f"the Ollama host {session.host!r} is not a usable URL ({exc}); check OLLAMA_HOST") from None
     finally:
         session.client.close()
+
+
+# ---------------------------------------------------------------------------
+# The export step
+
+
+@step(name="register", tags=["ollama"])
+def register_outputs(out_dir: Path, plan: OllamaPlan, host: str | None = None,
+                     progress: ProgressCallback | None = None) -> list[RegistrationResult]:
+    """Register every named model of `plan` from its Modelfile; marks each registered in `plan`.
+
+    Raises `OllamaUnreachable` untouched so the caller can finish the export and
+    tell the user to run `kiln register DIR` later.
+    """
+    from tasks.files import safe_child
+    from tasks.modelfile import parse_modelfile
+
+    results = []
+    for model in plan.models:
+        if not model.name:
+            continue
+        modelfile = parse_modelfile(safe_child(out_dir, model.modelfile).read_text(encoding="utf-8"))
+        results.append(register_model(model.name, safe_child(out_dir, model.gguf), modelfile, host, progress=progress))
+        model.registered = True
+    return results

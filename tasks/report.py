@@ -53,13 +53,10 @@ DEFAULT_EVAL_TEXT = EVAL_TEXT_DIR / "kiln-eval-v1.txt"
 # Candidates `--quant auto` quantizes and measures, best quality first: a fixed list keeps the
 # cost bounded and known (six quantizations plus one measurement of each).
 AUTO_CANDIDATES: tuple[str, ...] = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
-DEFAULT_CHAT_PROMPTS: tuple[str, ...] = (
-    "What is the capital of France?",
-    "Write a Python function that returns the largest number in a list.",
-)
+DEFAULT_CHAT_PROMPTS: tuple[str, ...] = ("What is the capital of France?",)
 DEFAULT_N_CTX = 512
-DEFAULT_N_CHUNKS = 2
-DEFAULT_GEN_TOKENS = 24
+DEFAULT_N_CHUNKS = 1
+DEFAULT_GEN_TOKENS = 16
 # llama.cpp's perplexity tool skips f16 probabilities below e^-16 in the KL sum.
 _KL_LOG_P_FLOOR = -16.0
 
@@ -108,6 +105,7 @@ class QuantReport(BaseModel):
     chat_prompts: int
     chat_tokens: int
     n_threads: int
+    load_average: float = Field(description="1-minute load average when the measurement started")
     machine: str
     llama_cpp_python: str
     measure_seconds: float
@@ -144,14 +142,25 @@ class QuantChoice(BaseModel):
 # ----------------------------------------------------------------------------- measuring
 
 
+class _RefPart:
+    """f16's numbers for one decoded piece (a text chunk or a chat answer), kept for the quants."""
+
+    __slots__ = ("logp", "p", "argmax")
+
+    def __init__(self, logits: np.ndarray) -> None:
+        self.logp = _log_softmax(logits)
+        # llama.cpp's KL sum skips f16 probabilities below e^-16: the same mask here.
+        self.p = np.exp(self.logp)
+        self.p[self.logp <= _KL_LOG_P_FLOOR] = 0.0
+        self.argmax = logits.argmax(axis=1)
+
+
 class _Reference:
-    """f16's numbers every quant is compared with (log-probabilities of the scored tokens)."""
+    """f16's log-probabilities of every scored token, computed once and reused for every quant."""
 
     def __init__(self) -> None:
-        self.chunk_logp: list[np.ndarray] = []  # per text chunk: (n_scored, n_vocab) float32
-        self.chunk_argmax: list[np.ndarray] = []
-        self.chat_logp: list[np.ndarray] = []
-        self.chat_argmax: list[np.ndarray] = []
+        self.chunks: list[_RefPart] = []
+        self.chats: list[_RefPart] = []
         self.chat_sequences: list[tuple[list[int], int]] = []  # (tokens, index of the first answer token)
         self.ppl: float = float("nan")
 
@@ -175,23 +184,34 @@ class _Scores:
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float32 (sums accumulated in float64)."""
-    z = logits.astype(np.float32, copy=False)
+    """Row-wise log-softmax in float32 (the exp sums accumulated in float64)."""
+    z = np.asarray(logits, dtype=np.float32)
     m = z.max(axis=1, keepdims=True)
-    lse = m + np.log(np.exp(z - m).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
-    return z - lse
+    out = np.subtract(z, m)
+    lse = np.log(np.exp(out).sum(axis=1, keepdims=True, dtype=np.float64)).astype(np.float32)
+    out -= lse
+    return out
 
 
-def _compare(ref_logp: np.ndarray, ref_argmax: np.ndarray, logits: np.ndarray, targets: np.ndarray
+def _reference_scores(part: _RefPart, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nll = -part.logp[np.arange(len(targets)), targets].astype(np.float64)
+    return np.zeros(len(targets)), np.ones(len(targets), dtype=bool), nll
+
+
+def _compare(ref: _RefPart, logits: np.ndarray, targets: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per token: KL(ref ‖ this), same argmax, NLL of the target: llama.cpp's definitions."""
-    logq = _log_softmax(logits)
+    """Per token: KL(f16 ‖ this), same argmax as f16, NLL of the target; llama.cpp's definitions.
+
+    Works in place on `logits` (float32): one temporary the size of the logits, no more.
+    """
+    z = logits
+    same = z.argmax(axis=1) == ref.argmax
+    logq = _log_softmax(z)
     rows = np.arange(len(targets))
     nll = -logq[rows, targets].astype(np.float64)
-    same = logits.argmax(axis=1) == ref_argmax
-    p = np.exp(ref_logp)
-    p[ref_logp <= _KL_LOG_P_FLOOR] = 0.0
-    kl = (p * (ref_logp - logq)).sum(axis=1, dtype=np.float64)
+    np.subtract(ref.logp, logq, out=logq)  # log p - log q: small where the quant is faithful
+    logq *= ref.p
+    kl = logq.sum(axis=1, dtype=np.float64)
     return kl, same, nll
 
 
@@ -342,9 +362,10 @@ def _score_text(runner: _Runner, chunks: list[list[int]], ref: _Reference, is_re
         assert logits is not None
         targets = np.asarray(chunk[first + 1:], dtype=np.int64)
         if is_reference:
-            scores.add(*_reference_scores(ref.chunk_logp, ref.chunk_argmax, logits, targets))
+            ref.chunks.append(_RefPart(logits))
+            scores.add(*_reference_scores(ref.chunks[-1], targets))
         else:
-            scores.add(*_compare(ref.chunk_logp[c], ref.chunk_argmax[c], logits, targets))
+            scores.add(*_compare(ref.chunks[c], logits, targets))
         del logits
     return scores, (pp_tokens / pp_seconds if pp_seconds > 0 else 0.0)
 
@@ -358,20 +379,11 @@ def _score_chat(runner: _Runner, ref: _Reference, is_reference: bool) -> _Scores
         assert logits is not None
         targets = np.asarray(seq[start:], dtype=np.int64)
         if is_reference:
-            scores.add(*_reference_scores(ref.chat_logp, ref.chat_argmax, logits, targets))
+            ref.chats.append(_RefPart(logits))
+            scores.add(*_reference_scores(ref.chats[-1], targets))
         else:
-            scores.add(*_compare(ref.chat_logp[s], ref.chat_argmax[s], logits, targets))
+            scores.add(*_compare(ref.chats[s], logits, targets))
     return scores
-
-
-def _reference_scores(logp_store: list[np.ndarray], argmax_store: list[np.ndarray], logits: np.ndarray,
-                      targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Keep the reference's log-probabilities for the quants; its own KL is 0 and top-1 agreement 1."""
-    logp = _log_softmax(logits)
-    logp_store.append(logp)
-    argmax_store.append(logits.argmax(axis=1))
-    nll = -logp[np.arange(len(targets)), targets].astype(np.float64)
-    return np.zeros(len(targets)), np.ones(len(targets), dtype=bool), nll
 
 
 def _gen_speed(runner: _Runner, prompt: list[int], n: int) -> tuple[list[int], float]:
@@ -389,10 +401,21 @@ def _answer_until_eog(runner: _Runner, tokens: list[int]) -> list[int]:
 
 
 def default_threads() -> int:
+    """The usable CPUs less what other processes keep busy (1-minute load average), at least 1.
+
+    ggml's threads spin at every barrier of the graph: with more threads than idle cores, decoding
+    gets several times slower, not faster (measured on a 2-CPU machine at load 4.5: 2 threads
+    decoded 3 to 10 times slower than 1).
+    """
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return max(1, min(cores, int(cores - load + 0.5)))
 
 
 def _machine() -> str:
@@ -444,6 +467,10 @@ def measure_quants(
     prompts = list(DEFAULT_CHAT_PROMPTS if chat_prompts is None else chat_prompts)
     say = on_progress or (lambda _msg: None)
     started = time.perf_counter()
+    try:
+        load_at_start = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load_at_start = 0.0
 
     ref = _Reference()
     rows: list[QuantMetrics] = []
@@ -517,6 +544,7 @@ def measure_quants(
         chat_prompts=len(ref.chat_sequences),
         chat_tokens=chat_tokens,
         n_threads=threads,
+        load_average=round(load_at_start, 2),
         machine=_machine(),
         llama_cpp_python=getattr(llama_cpp, "__version__", "unknown"),
         measure_seconds=round(time.perf_counter() - started, 3),
@@ -690,7 +718,8 @@ def _footer(report: QuantReport) -> str:
         f"`{report.eval_text}` (sha256 {report.eval_text_sha256[:16]}…)"
         + (f" and {report.chat_tokens} tokens of {report.reference}'s answers to {report.chat_prompts} chat "
            "prompt(s)" if report.chat_tokens else "")
-        + f"; speed with {report.n_threads} thread(s) on {report.machine}, llama-cpp-python "
+        + f"; speed with {report.n_threads} thread(s) on {report.machine} (load average "
+        f"{report.load_average:.1f}), llama-cpp-python "
         f"{report.llama_cpp_python}; {cost}."
     )
 

@@ -150,7 +150,7 @@ def top1_agreement(gguf_path: Path, hf_dir: Path, run: GgufRun) -> tuple[float, 
 
 
 @step(name="verify")
-def verify_outputs(outputs: dict[str, Path], hf_dir: Path | None, float_quant: str) -> list[Check]:
+def verify_outputs(outputs: dict[str, Path], hf_dir: Path | None, float_quant: str | None) -> list[Check]:
     """Checks for every GGUF; raises `VerificationFailed` naming each failure after running them all."""
     checks: list[Check] = []
     runs: dict[str, GgufRun] = {}
@@ -159,12 +159,16 @@ def verify_outputs(outputs: dict[str, Path], hf_dir: Path | None, float_quant: s
         runs[quant] = run
         runaway = [g.prompt for g in run.generations if not g.stopped]
         answer = run.generations[0].text.strip().replace("\n", " ")
+        # A broken EOS or template makes every prompt run away; one greedy loop on a tiny
+        # quantized model is a quality signal, reported in the detail but not a refusal.
+        detail = f"{len(run.generations) - len(runaway)}/{len(run.generations)} prompts stopped"
+        if runaway:
+            detail += f"; ran past {TOKEN_BUDGET} tokens on: {'; '.join(runaway)}"
         checks.append(Check(
-            name="stops on end of turn", target=quant, passed=not runaway,
-            detail=(f"ran past {TOKEN_BUDGET} tokens on: {'; '.join(runaway)}" if runaway
-                    else f"{len(run.generations)} prompts stopped; {VERIFY_PROMPTS[0]!r} -> {answer[:120]!r}"),
+            name="stops on end of turn", target=quant, passed=len(runaway) * 2 <= len(run.generations),
+            detail=f"{detail}; {VERIFY_PROMPTS[0]!r} -> {answer[:120]!r}",
         ))
-    if hf_dir is not None and float_quant in runs:
+    if hf_dir is not None and float_quant is not None and float_quant in runs:
         agreement, same_tokens, positions = top1_agreement(outputs[float_quant], hf_dir, runs[float_quant])
         checks.append(Check(
             name="tokenization matches transformers", target=float_quant, passed=same_tokens,

@@ -268,9 +268,17 @@ def test_accepts_a_legacy_bin_adapter(peft_adapter, demo_model_dir, tmp_path):
 
 
 def _tensors(path: Path) -> dict[str, np.ndarray]:
-    from gguf import GGUFReader
+    """Every tensor of a GGUF as a memory-mapped numpy view (f32/f16 typed, others as raw bytes).
 
-    return {t.name: t.data for t in GGUFReader(path).tensors}
+    (gguf's GGUFReader would parse the 49k-token vocabulary into numpy objects: seconds per file.)
+    """
+    mm = np.memmap(path, mode="r")
+    dtypes = {0: np.float32, 1: np.float16}
+    out = {}
+    for t in read_gguf_layout(path).tensors:
+        raw = mm[t.offset: t.offset + t.nbytes]
+        out[t.name] = raw.view(dtypes[t.ggml_type]).reshape(t.shape) if t.ggml_type in dtypes else raw
+    return out
 
 
 def _greedy(model: Path, lora: Path | None = None, n_tokens: int = 16) -> list[list[int]]:

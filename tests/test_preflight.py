@@ -1,0 +1,188 @@
+"""Preflight refusals: each bad input gets one clear error before any weight is read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from registry import get_base
+from registry.models import ExportRequest
+from tasks.errors import (
+    ArchitectureUnsupported,
+    KilnError,
+    NotEnoughDisk,
+    OutputDirInvalid,
+    PreTokenizerUnknown,
+    QuantTypeUnknown,
+    RevisionNotPinned,
+    SourceInvalid,
+    SpecMismatch,
+    UnknownBaseModel,
+)
+from tasks.fetch import parse_source
+from tasks.preflight import run_preflight
+from tests.kiln_cli import run_kiln
+
+METADATA = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def preflight(folder: Path, out: Path, spec_key: str | None = None, **request_fields):
+    request = ExportRequest(source=str(folder), out_dir=str(out), **request_fields)
+    ref = parse_source(str(folder))
+    if spec_key is not None:
+        from dataclasses import replace
+
+        ref = replace(ref, spec=get_base(spec_key) if isinstance(spec_key, str) else spec_key)
+    from tasks.toolchain import current_toolchain
+
+    return run_preflight(ref, folder, request, current_toolchain())
+
+
+@pytest.fixture
+def model_copy(demo_model_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the demo folder (weights hard-linked) to break in one way per test."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for item in demo_model_dir.iterdir():
+        if item.name.endswith(".safetensors"):
+            (folder / item.name).hardlink_to(item)
+        elif item.is_file():
+            shutil.copy(item, folder / item.name)
+    return folder
+
+
+def test_the_demo_folder_passes_and_says_what_the_converter_writes(model_copy, tmp_path, toolchain):
+    report = preflight(model_copy, tmp_path / "out")
+    assert report.architecture == "LlamaForCausalLM"
+    assert report.probe.gguf_arch == "llama" and report.probe.tokenizer_pre == "smollm"
+    assert report.probe.vocab_size == 49152
+    assert 100e6 < report.params < 200e6
+    assert report.chat is not None and report.chat.dialect == "chatml" and report.chat.verified
+
+
+def test_registry_spec_that_matches_the_converter_passes(model_copy, tmp_path):
+    report = preflight(model_copy, tmp_path / "out", spec_key="smollm2-135m-instruct")
+    assert any(c.name == "spec matches converter" for c in report.checks)
+
+
+@pytest.mark.parametrize("field, wrong", [("gguf_arch", "qwen2"), ("tokenizer_pre", "llama-bpe"),
+                                          ("architecture", "Qwen2ForCausalLM")])
+def test_spec_that_disagrees_with_the_converter_is_refused(model_copy, tmp_path, field, wrong):
+    spec = get_base("smollm2-135m-instruct").model_copy(update={field: wrong})
+    with pytest.raises(SpecMismatch, match=field if field != "architecture" else "architecture"):
+        preflight(model_copy, tmp_path / "out", spec_key=spec)
+
+
+def test_folder_without_config_is_refused(model_copy, tmp_path):
+    (model_copy / "config.json").unlink()
+    with pytest.raises(SourceInvalid, match="no config.json"):
+        preflight(model_copy, tmp_path / "out")
+
+
+def test_config_that_is_not_json_is_refused(model_copy, tmp_path):
+    (model_copy / "config.json").write_text("{not json")
+    with pytest.raises(SourceInvalid, match="not valid JSON"):
+        preflight(model_copy, tmp_path / "out")
+
+
+def test_unknown_architecture_is_refused(model_copy, tmp_path):
+    config = json.loads((model_copy / "config.json").read_text())
+    config["architectures"] = ["FrobnicatorForCausalLM"]
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArchitectureUnsupported, match="FrobnicatorForCausalLM"):
+        preflight(model_copy, tmp_path / "out")
+
+
+def test_unknown_pre_tokenizer_is_refused(model_copy, tmp_path):
+    """A BPE tokenizer trained here on a few lines has a pre-tokenizer hash no converter lists."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer.train_from_iterator(["the quick brown fox", "jumps over the lazy dog", "kiln fires clay"] * 20, trainer)
+    tokenizer.save(str(model_copy / "tokenizer.json"))
+    (model_copy / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    config = json.loads((model_copy / "config.json").read_text())
+    config["vocab_size"] = tokenizer.get_vocab_size()
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PreTokenizerUnknown, match="chkhsh [0-9a-f]{64}"):
+        preflight(model_copy, tmp_path / "out")
+
+
+def test_truncated_safetensors_is_refused(model_copy, tmp_path):
+    weights = model_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(KilnError, match="model.safetensors"):
+        preflight(model_copy, tmp_path / "out")
+
+
+def test_unknown_quant_type_is_refused(model_copy, tmp_path):
+    with pytest.raises(QuantTypeUnknown, match="q9_z"):
+        preflight(model_copy, tmp_path / "out", quants=["q9_z"])
+
+
+def test_quant_type_that_needs_an_importance_matrix_is_refused(model_copy, tmp_path):
+    with pytest.raises(QuantTypeUnknown, match="importance matrix"):
+        preflight(model_copy, tmp_path / "out", quants=["iq2_xxs"])
+
+
+def test_output_folder_that_is_a_file_is_refused(model_copy, tmp_path):
+    out = tmp_path / "out"
+    out.write_text("I am a file")
+    with pytest.raises(OutputDirInvalid, match="is a file"):
+        preflight(model_copy, out)
+
+
+def test_output_folder_that_cannot_be_written_is_refused(model_copy):
+    with pytest.raises(OutputDirInvalid, match="not writable"):
+        preflight(model_copy, Path("/proc/kiln-out"))
+
+
+def test_not_enough_disk_is_refused_with_the_numbers(model_copy, tmp_path, monkeypatch):
+    import shutil as shutil_module
+
+    real = shutil_module.disk_usage
+    monkeypatch.setattr("tasks.preflight.shutil.disk_usage",
+                        lambda p: real(p)._replace(free=50_000_000))
+    with pytest.raises(NotEnoughDisk, match=r"needs about 0\.\d+ GB but only 0\.05 GB"):
+        preflight(model_copy, tmp_path / "out")
+
+
+def test_branch_revision_is_refused_before_anything_runs():
+    with pytest.raises(RevisionNotPinned, match="40"):
+        parse_source("hf:HuggingFaceTB/SmolLM2-135M-Instruct@main")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "no-such-base"], "known"),
+    (["export", "hf:HuggingFaceTB/SmolLM2-135M-Instruct@main"], "resolve-revision"),
+    (["export", "demo", "--quant", "q4_k_m,q9_z"], "unknown quant type"),
+    (["export", "./does/not/exist"], "no such folder"),
+    (["export", "demo", "--ollama-name", "bad name!"], "ollama_name"),
+])
+def test_cli_refusals_are_one_line_and_exit_non_zero(args, message, tmp_path):
+    proc = run_kiln(*args, "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "Starting temporary server" not in proc.stderr  # refused before Prefect started
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_refuses_an_output_path_that_is_a_file(tmp_path):
+    out = tmp_path / "file"
+    out.write_text("x")
+    proc = run_kiln("demo", "--out", str(out))
+    assert proc.returncode == 2 and "is a file" in proc.stderr
+
+
+def test_unknown_registry_key_lists_the_known_ones():
+    with pytest.raises(UnknownBaseModel, match="smollm2-135m-instruct"):
+        parse_source("no-such-base")
