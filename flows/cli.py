@@ -166,6 +166,63 @@ def setup_command(sdist: Path | None) -> None:
     console.print(f"demo model: {folder}\n  derived from {derived}")
 
 
+@cli.group("template")
+def template_group() -> None:
+    """Chat templates and dialects."""
+
+
+@template_group.command("check")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("--dialect", help="Check this dialect only, instead of finding the one that fits.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@fail_cleanly
+def template_check_command(source: Path, dialect: str | None, as_json: bool) -> None:
+    """Which dialect fits SOURCE's chat template (a .jinja file, a model folder or a GGUF), and is it exact?"""
+    from tasks.template_check import check_template
+
+    check = check_template(source, dialect=dialect)
+    if as_json:
+        click.echo(check.model_dump_json(indent=2))
+        return
+    console.print(f"dialect: [bold]{check.dialect}[/]  verified: {'yes' if check.verified else 'no'} "
+                  f"({check.cases_checked} of {check.matrix_size} conversations rendered identically)")
+    console.print(f"default system prompt (Modelfile SYSTEM): {check.system!r}")
+    for warning in check.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+
+
+@cli.command("register")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--ollama-name", help="Name to register under, when the export was made without one.")
+@click.option("--host", help="Ollama server (default: OLLAMA_HOST).")
+@fail_cleanly
+def register_command(out_dir: Path, ollama_name: str | None, host: str | None) -> None:
+    """Register an export's GGUF files with Ollama from their Modelfiles (blobs already there are skipped)."""
+    from tasks.manifest import read_manifest, write_manifest
+    from tasks.ollama_name import ollama_names_for
+    from tasks.register import register_outputs
+
+    manifest = read_manifest(out_dir)
+    if manifest is None or manifest.ollama is None:
+        raise KilnError(f"{out_dir} holds no Kiln export with Modelfiles (no manifest.json with an `ollama` section)")
+    plan = manifest.ollama
+    if ollama_name:
+        names = ollama_names_for(ollama_name, [m.quant for m in plan.models])
+        for model in plan.models:
+            model.name = names.get(model.quant)
+    if not any(m.name for m in plan.models):
+        raise KilnError("no Ollama name recorded for this export; pass --ollama-name NAME")
+
+    def progress(event) -> None:
+        if event.phase != "upload" or event.completed == event.total:
+            console.print(f"  {event.phase}: {event.message}", highlight=False)
+
+    results = register_outputs(out_dir, plan, host, progress=progress)
+    write_manifest(out_dir, manifest)
+    for result in results:
+        console.print(f"[green]registered[/] {result.name} ({result.uploaded_bytes / 1e6:.1f} MB uploaded)")
+
+
 @cli.group("registry")
 def registry_group() -> None:
     """The curated base models."""
@@ -177,13 +234,13 @@ def registry_list() -> None:
     """List the curated bases."""
     from registry import load_registry
 
-    table = Table()
-    for col in ("key", "hf_id", "dialect", "params", "licence", "gated"):
-        table.add_column(col)
-    for spec in load_registry().values():
-        table.add_row(spec.key, spec.hf_id, spec.template, f"{spec.params / 1e9:.2f}B", spec.license_spdx,
-                      "yes" if spec.requires_acceptance else "")
-    Console().print(table)
+    specs = list(load_registry().values())
+    width = max(len(s.key) for s in specs)
+    id_width = max(len(s.hf_id) for s in specs)
+    for spec in specs:
+        gated = "  requires licence acceptance" if spec.requires_acceptance else ""
+        click.echo(f"{spec.key:<{width}}  {spec.hf_id:<{id_width}}  {spec.template:<13}  "
+                   f"{spec.params / 1e9:5.2f}B  {spec.license_spdx}{gated}")
 
 
 @registry_group.command("show")

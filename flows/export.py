@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from filelock import FileLock
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
@@ -17,7 +18,9 @@ from registry.models import Check, ExportRequest, Manifest, OllamaPlan, OutputFi
 from tasks.convert import gguf_cache_path, place_output
 from tasks.fetch import SourceRef, display_name, source_ref
 from tasks.files import remove_stale_temporaries, safe_child, sha256_file
-from tasks.manifest import KILN_VERSION, content_key, now_iso, request_key, write_manifest
+from tasks.manifest import KILN_VERSION, content_key, find_up_to_date, now_iso, request_key, write_manifest
+
+EXPORT_LOCK = ".kiln-export.lock"
 from tasks.toolchain import Toolchain, current_toolchain
 
 
@@ -191,4 +194,12 @@ def publish_summary(manifest: Manifest) -> None:
 @flow(name="export")
 def export(request: ExportRequest) -> Manifest:
     """Export a model to GGUF: preflight, fetch, convert, quantize, verify, manifest."""
-    return run_export(request)
+    out_dir = Path(request.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Two exports into one folder: the second waits, then finds the first one's outputs.
+    with FileLock(str(out_dir / EXPORT_LOCK)):
+        manifest, _ = find_up_to_date(request)
+        if manifest is not None:
+            get_run_logger().info("outputs in %s are up to date; nothing to do", out_dir)
+            return manifest
+        return run_export(request)

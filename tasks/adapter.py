@@ -89,7 +89,9 @@ class AdapterInfo(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str
-    sha256: str = Field(..., description="sha256 over the adapter's files (name and content), wherever the folder is.")
+    sha256: str = Field(
+        ..., description="The adapter's identity: sha256 over its files (config in canonical form), wherever the folder is."
+    )
     files: list[SourceFile]
     base_model_name_or_path: str | None
     rank: int
@@ -267,10 +269,19 @@ def adapter_files(adapter_dir: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.name)
 
 
-def files_sha256(files: list[SourceFile]) -> str:
+def adapter_sha256(files: list[SourceFile], config: dict[str, Any]) -> str:
+    """The adapter's identity: its files' sha256, with adapter_config.json taken in canonical form.
+
+    peft writes target_modules from a set, so the same adapter saved twice can list them in
+    another order; key order and that list's order do not change what the adapter means.
+    """
+    canonical = dict(config)
+    if isinstance(canonical.get("target_modules"), list):
+        canonical["target_modules"] = sorted(str(t) for t in canonical["target_modules"])
+    config_digest = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
     digest = hashlib.sha256()
     for f in sorted(files, key=lambda f: f.path):
-        digest.update(f"{f.path}\0{f.sha256}\n".encode())
+        digest.update(f"{f.path}\0{config_digest if f.path == ADAPTER_CONFIG else f.sha256}\n".encode())
     return digest.hexdigest()
 
 
@@ -617,7 +628,7 @@ def validate_adapter(
         info.check_mode(mode)
     # Hash last: a refused adapter costs no hashing.
     files = fingerprint(adapter_files(adapter_dir), adapter_dir)
-    return info.model_copy(update={"sha256": files_sha256(files), "files": files})
+    return info.model_copy(update={"sha256": adapter_sha256(files, config), "files": files})
 
 
 def _describe_missing(module: str, base_shapes: dict[str, tuple[int, ...]]) -> str:

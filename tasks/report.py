@@ -54,9 +54,13 @@ DEFAULT_EVAL_TEXT = EVAL_TEXT_DIR / "kiln-eval-v1.txt"
 # cost bounded and known (six quantizations plus one measurement of each).
 AUTO_CANDIDATES: tuple[str, ...] = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
 DEFAULT_CHAT_PROMPTS: tuple[str, ...] = ("What is the capital of France?",)
-DEFAULT_N_CTX = 512
+# Lean defaults (about 256 + 40 token evaluations and 8 single-token decodes a model): the report
+# must stay a small fraction of an export (bench/report.py). Raise n_chunks (and n_ctx=512, the
+# llama.cpp convention) for tighter numbers; the text holds about 4200 tokens.
+DEFAULT_N_CTX = 256
 DEFAULT_N_CHUNKS = 1
-DEFAULT_GEN_TOKENS = 16
+DEFAULT_GEN_TOKENS = 8
+_MIN_CONTEXT = 512  # KV cache positions: chat prompt + answer must fit
 # llama.cpp's perplexity tool skips f16 probabilities below e^-16 in the KL sum.
 _KL_LOG_P_FLOOR = -16.0
 
@@ -222,9 +226,11 @@ class _Runner:
         import llama_cpp
 
         self.llama_cpp = llama_cpp
+        # Room for chat prompts longer than a text chunk; the text chunks use n_ctx positions only.
+        size = max(n_ctx, _MIN_CONTEXT)
         try:
             self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx,
+                model_path=str(path), n_ctx=size, n_batch=size, n_ubatch=min(size, 512),
                 n_threads=n_threads, n_threads_batch=n_threads, n_gpu_layers=0, verbose=False,
             )
         except (ValueError, RuntimeError) as exc:
@@ -233,10 +239,10 @@ class _Runner:
         self.model = self.llm._model.model
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = self.llm.n_vocab()
-        self.n_ctx = n_ctx
+        self.n_ctx = size
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
         self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
-        self.batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        self.batch = llama_cpp.llama_batch_init(size, 0, 1)
 
     def close(self) -> None:
         self.llama_cpp.llama_batch_free(self.batch)
@@ -346,7 +352,7 @@ def _render_chat(runner: _Runner, prompts: Sequence[str], render: bool) -> list[
 def _score_text(runner: _Runner, chunks: list[list[int]], ref: _Reference, is_reference: bool
                 ) -> tuple[_Scores, float]:
     """Score the text chunks as llama-perplexity does; returns the scores and prompt tokens/s."""
-    n_ctx = runner.n_ctx
+    n_ctx = len(chunks[0])
     first = n_ctx // 2
     # Logits only where they are scored: positions first … n_ctx-2 (predicting first+1 … n_ctx-1).
     want_second = [first + k <= n_ctx - 2 for k in range(n_ctx - first)]
@@ -370,20 +376,40 @@ def _score_text(runner: _Runner, chunks: list[list[int]], ref: _Reference, is_re
     return scores, (pp_tokens / pp_seconds if pp_seconds > 0 else 0.0)
 
 
-def _score_chat(runner: _Runner, ref: _Reference, is_reference: bool) -> _Scores:
-    """Teacher-forced scores on f16's answers to the chat prompts."""
+def _score_chat(runner: _Runner, ref: _Reference, is_reference: bool) -> tuple[_Scores, int | None]:
+    """Teacher-forced scores on f16's answers to the chat prompts.
+
+    Also returns the greedy next token after the last sequence (its KV cache stays in place), so a
+    generation-speed run can continue from there without decoding a prompt again.
+    """
     scores = _Scores()
+    next_token = None
     for s, (seq, start) in enumerate(ref.chat_sequences):
+        last = s == len(ref.chat_sequences) - 1
         runner.clear()
-        logits = runner.decode(seq, 0, [start - 1 <= i <= len(seq) - 2 for i in range(len(seq))])
+        logits = runner.decode(seq, 0, [start - 1 <= i <= len(seq) - (1 if last else 2) for i in range(len(seq))])
         assert logits is not None
+        if last:
+            next_token = int(logits[-1].argmax())
+            logits = logits[:-1]
         targets = np.asarray(seq[start:], dtype=np.int64)
         if is_reference:
             ref.chats.append(_RefPart(logits))
             scores.add(*_reference_scores(ref.chats[-1], targets))
         else:
             scores.add(*_compare(ref.chats[s], logits, targets))
-    return scores
+    return scores, next_token
+
+
+def _continue_speed(runner: _Runner, position: int, token: int, n: int) -> float:
+    """Generation tokens/s: greedy one-token decodes continuing the sequence in the KV cache."""
+    n = max(0, min(n - 1, runner.n_ctx - position))
+    t0 = time.perf_counter()
+    for k in range(n):
+        runner.decode([token], position + k, [True])
+        token = runner.last_argmax()
+    seconds = time.perf_counter() - t0
+    return n / seconds if n and seconds > 0 else 0.0
 
 
 def _gen_speed(runner: _Runner, prompt: list[int], n: int) -> tuple[list[int], float]:
@@ -476,6 +502,8 @@ def measure_quants(
     rows: list[QuantMetrics] = []
     chunks: list[list[int]] = []
     timing_prompt: list[int] = []
+    rendered: list[list[int]] = []
+    ref_vocab = 0
     for name, path in [(reference_name, f16_path), *quant_paths.items()]:
         path = Path(path)
         is_ref = name == reference_name and path == f16_path
@@ -486,24 +514,37 @@ def measure_quants(
             if is_ref:
                 chunks = _text_chunks(runner, text, n_ctx, n_chunks)
                 rendered = _render_chat(runner, prompts, render_chat)
+                ref_vocab = runner.n_vocab
                 longest = max((len(p) for p in rendered), default=0)
-                if longest + gen_tokens > n_ctx:
+                if longest + gen_tokens > runner.n_ctx:
                     raise ReportError(
                         f"a chat prompt of {longest} tokens plus {gen_tokens} answer tokens does not fit "
-                        f"in n_ctx={n_ctx}; shorten the prompt or raise n_ctx"
+                        f"in the context of {runner.n_ctx}; shorten the prompt or raise n_ctx"
                     )
                 timing_prompt = rendered[0] if rendered else chunks[0][: max(1, n_ctx // 16)]
+            elif runner.n_vocab != ref_vocab:
+                raise ReportError(
+                    f"{name} ({path.name}) has a vocabulary of {runner.n_vocab} tokens, {reference_name} "
+                    f"{ref_vocab}: they are not the same model"
+                )
             text_s, pp_tps = _score_text(runner, chunks, ref, is_ref)
-            generated, gen_tps = _gen_speed(runner, timing_prompt, gen_tokens)
             if is_ref:
-                # f16's greedy answers: the teacher-forced targets of every model's chat score. The
-                # timing run above already answered the first prompt.
+                # Generation speed on the first chat prompt; that greedy run is also f16's answer to it.
+                generated, gen_tps = _gen_speed(runner, timing_prompt, gen_tokens)
+                # f16's greedy answers: the teacher-forced targets of every model's chat score.
                 for p, prompt in enumerate(rendered):
                     answer = (_answer_until_eog(runner, generated) if p == 0
                               else runner.generate(prompt, gen_tokens, stop_at_eog=True)[0])
                     if answer:
                         ref.chat_sequences.append((prompt + answer, len(prompt)))
-            chat_s = _score_chat(runner, ref, is_ref)
+                chat_s, _ = _score_chat(runner, ref, is_ref)
+            else:
+                chat_s, next_token = _score_chat(runner, ref, is_ref)
+                if next_token is not None:
+                    # Continue after the last chat sequence: no second prompt decode for the timing.
+                    gen_tps = _continue_speed(runner, len(ref.chat_sequences[-1][0]), next_token, gen_tokens)
+                else:
+                    gen_tps = _gen_speed(runner, timing_prompt, gen_tokens)[1]
             model_bytes, n_params = runner.size_stats()
         finally:
             runner.close()
@@ -750,13 +791,12 @@ def rich_table(report: QuantReport, choice: QuantChoice | None = None) -> Table:
 
 def plot_report(report: QuantReport, png_path: Path) -> Path:
     """PNG: file size against mean KL divergence, one labelled point a quant type, f16 as the reference."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # The Agg canvas on a bare Figure: no pyplot, no global backend switch in the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     quants = [r for r in report.rows if not r.is_reference]
     positive = [r.kl_mean for r in quants if r.kl_mean > 0]
@@ -769,10 +809,15 @@ def plot_report(report: QuantReport, png_path: Path) -> Path:
         ax.annotate(r.quant, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
     for r in report.rows:
         if r.is_reference:
-            ax.axvline(r.size_bytes / 1e6, color="tab:red", linestyle="--", linewidth=1)
-            ax.annotate(f"{r.quant} (reference, KL 0)", (r.size_bytes / 1e6, floor), rotation=90,
-                        textcoords="offset points", xytext=(-11, 2), fontsize=8, color="tab:red")
+            # KL 0 has no place on a log axis: f16 sits on the floor, with a dashed line at its size.
+            x = r.size_bytes / 1e6
+            ax.axvline(x, color="tab:red", linestyle="--", linewidth=1, zorder=1)
+            ax.scatter([x], [floor], marker="D", color="tab:red", zorder=3, clip_on=False)
+            ax.annotate(f"{r.quant} (reference, KL 0)", (x, floor), textcoords="offset points",
+                        xytext=(-6, 8), ha="right", fontsize=9, color="tab:red")
     ax.set_yscale("log")
+    top = max(ys + [floor * 10])
+    ax.set_ylim(floor / 1.5, top * 2)
     ax.set_xlabel("file size (MB)")
     ax.set_ylabel(f"mean KL divergence from {report.reference} (nats/token, log scale)")
     ax.set_title(f"Size against quality: {report.scored_tokens} tokens of {report.eval_text}", fontsize=10)
@@ -781,7 +826,6 @@ def plot_report(report: QuantReport, png_path: Path) -> Path:
     png_path = Path(png_path)
     with atomic_path(png_path) as tmp:
         fig.savefig(tmp, format="png")
-    plt.close("all")
     return png_path
 
 

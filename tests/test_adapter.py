@@ -103,11 +103,18 @@ def test_validate_reads_the_adapter(adapter_info, peft_adapter, demo_model_dir):
     assert info.supported_modes == ["merge", "adapter", "peft"]
     assert len(info.sha256) == 64 and {f.path for f in info.files} == {"adapter_config.json", "adapter_model.safetensors"}
     assert info.base_vocab_size == BASE_VOCAB and info.adapter_vocab_size is None
-    # The same content elsewhere has the same sha256: the manifest names the adapter, not the folder.
+    # The same content elsewhere has the same sha256: the manifest names the adapter, not the folder;
+    # peft writes target_modules from a set, and their order does not change the adapter either.
     moved = Path(str(peft_adapter) + "-moved")
     shutil.copytree(peft_adapter, moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["target_modules"] = list(reversed(config["target_modules"]))
+    (moved / "adapter_config.json").write_text(json.dumps(config, indent=4))
     try:
         assert validate_adapter(moved, demo_model_dir, None).sha256 == info.sha256
+        config["lora_alpha"] = 16
+        (moved / "adapter_config.json").write_text(json.dumps(config))
+        assert validate_adapter(moved, demo_model_dir, None).sha256 != info.sha256
     finally:
         shutil.rmtree(moved)
 
@@ -284,7 +291,7 @@ def _tensors(path: Path) -> dict[str, np.ndarray]:
 def _greedy(model: Path, lora: Path | None = None, n_tokens: int = 16) -> list[list[int]]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=512, n_threads=2,
+    llm = Llama(model_path=str(model), lora_path=str(lora) if lora else None, n_ctx=512, n_threads=1, n_threads_batch=1,
                 seed=0, verbose=False)
     runs = []
     for prompt in PROMPTS:
