@@ -80,7 +80,7 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
         console.print(f"exporting ({why})")
         from flows.export import export
 
-        manifest = export(request)
+        manifest = export(request, force=force)
         status = f"exported to {request.out_dir}"
     if as_json:
         click.echo(manifest.model_dump_json(indent=2))

@@ -23,42 +23,11 @@ from tasks.manifest import KILN_VERSION, content_key, find_up_to_date, now_iso, 
 EXPORT_LOCK = ".kiln-export.lock"
 from tasks.toolchain import Toolchain, current_toolchain
 
+from flows.convert_quantize import convert_and_quantize, run_placed  # noqa: F401  (convert_and_quantize: moved)
+
 
 def output_name(stem: str, quant: str) -> str:
     return f"{stem}-{quant}.gguf"
-
-
-def convert_and_quantize(
-    source: ResolvedSource,
-    request: ExportRequest,
-    toolchain: Toolchain,
-    parallel: int | None = None,
-) -> dict[str, Path]:
-    """The heavy part: one cached float conversion, then every quant type from it. Returns cache paths."""
-    from tasks.convert import convert_to_gguf
-    from tasks.preflight import gguf_file_type
-    from tasks.quantize import quantize_gguf
-
-    logger = get_run_logger()
-    key = content_key(source.files)
-    if source.kind == "gguf":
-        base, base_label = Path(source.path), gguf_file_type(Path(source.path))
-        logger.info("prebuilt %s GGUF: no conversion", base_label)
-    else:
-        base, reused = convert_to_gguf.task(Path(source.path), key, request.outtype, toolchain)
-        base_label = request.outtype
-        logger.info("base %s GGUF %s", base_label, "reused from cache" if reused else "converted")
-    results = {base_label: base}
-    todo = [q for q in request.quants if q != base_label]
-    workers = max(1, min(parallel or len(todo) or 1, os.cpu_count() or 1))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    futures = {
-        quant: quantize_gguf.task.submit(base, gguf_cache_path(key, quant, toolchain), quant, threads)
-        for quant in todo
-    }
-    for quant, future in futures.items():
-        results[quant] = future.result()
-    return results
 
 
 def run_export(request: ExportRequest) -> Manifest:
@@ -87,7 +56,8 @@ def run_export(request: ExportRequest) -> Manifest:
     lap("fetch", t0)
 
     t0 = time.perf_counter()
-    cached = convert_and_quantize(source, request, toolchain)
+    # placement: inline here, or the convert-quantize deployment on a cpu/gpu worker (flows/convert_quantize.py).
+    cached = run_placed(source, request, toolchain)
     lap("convert_quantize", t0)
 
     checks: list[Check] = list(report.checks)
@@ -192,13 +162,16 @@ def publish_summary(manifest: Manifest) -> None:
 
 
 @flow(name="export")
-def export(request: ExportRequest) -> Manifest:
-    """Export a model to GGUF: preflight, fetch, convert, quantize, verify, manifest."""
+def export(request: ExportRequest, force: bool = False) -> Manifest:
+    """Export a model to GGUF: preflight, fetch, convert, quantize, verify, manifest.
+
+    `force` exports again even when the folder's manifest says the outputs are up to date.
+    """
     out_dir = Path(request.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Two exports into one folder: the second waits, then finds the first one's outputs.
     with FileLock(str(out_dir / EXPORT_LOCK)):
-        manifest, _ = find_up_to_date(request)
+        manifest, _ = (None, "") if force else find_up_to_date(request)
         if manifest is not None:
             get_run_logger().info("outputs in %s are up to date; nothing to do", out_dir)
             return manifest

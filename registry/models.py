@@ -51,6 +51,13 @@ class ExportRequest(BaseModel):
     trust_remote_code: bool = Field(False, description="Allow a model whose config asks for custom code (not registry keys: their spec decides).")
     dialect: str | None = Field(None, description="Chat-template dialect for the Modelfile when the model's own template is not recognised.")
     ollama_name: str | None = Field(None, description="Register the outputs with Ollama under this name (tag = quant type unless given).")
+    placement: Literal["local", "cpu", "gpu"] = Field(
+        "local",
+        description=(
+            "Where conversion, merge and quantization run: `local` in the export's own process; `cpu` or `gpu` "
+            "on a worker of that Prefect work pool (the `convert-quantize/<pool>` deployment; the export waits)."
+        ),
+    )
 
     @field_validator("ollama_name")
     @classmethod

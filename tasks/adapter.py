@@ -1105,7 +1105,7 @@ def _peft_merge_folder(adapter_dir: Path, base_dir: Path, out: Path, info: Adapt
     with torch.inference_mode():
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto")
         if info.vocab_resized:
-            model.resize_token_embeddings(info.adapter_vocab_size)
+            model.resize_token_embeddings(info.adapter_vocab_size, mean_resizing=False)  # the adapter brings the rows
         model = PeftModel.from_pretrained(model, adapter_dir)
         model = model.merge_and_unload()
         model.save_pretrained(out)

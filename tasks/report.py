@@ -20,8 +20,10 @@
   top-1 definitions, over the answer tokens).
 
 Speed on this machine: prompt tokens/s is measured on the context halves of the text chunks
-(no logits requested, a batch of `n_ctx/2` tokens), generation tokens/s on a greedy continuation
-of the first chat prompt, one token a decode; both with `n_threads` (recorded).
+(no logits requested, a batch of `n_ctx/2` tokens); generation tokens/s on greedy one-token
+decodes (f16: its answer to the first chat prompt; a quant: continuing after the last chat
+sequence, so no prompt is decoded twice). Both with `n_threads`, recorded with the load average:
+by default the CPUs the load leaves idle (see `default_threads`).
 
 f16's log-probabilities are computed once and reused for every quant; one model is loaded at a
 time, and a quant's logits are held one chunk at a time.
@@ -206,7 +208,7 @@ def _compare(ref: _RefPart, logits: np.ndarray, targets: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per token: KL(f16 ‖ this), same argmax as f16, NLL of the target; llama.cpp's definitions.
 
-    Works in place on `logits` (float32): one temporary the size of the logits, no more.
+    One temporary the size of the logits (float32), reused for log q, log p - log q and the products.
     """
     z = logits
     same = z.argmax(axis=1) == ref.argmax

@@ -49,3 +49,16 @@ def demo_f16_gguf(demo_model_dir: Path, toolchain) -> Path:
 
     key = content_key(fingerprint(model_files(demo_model_dir), demo_model_dir))
     return convert_to_gguf(demo_model_dir, key, "f16", toolchain)[0]
+
+
+@pytest.fixture(scope="session")
+def demo_export(tmp_path_factory: pytest.TempPathFactory, kiln_cache: Path) -> tuple[Path, dict]:
+    """`kiln demo --json` run once per session through the real CLI: (output folder, manifest)."""
+    import json
+
+    from tests.kiln_cli import run_kiln
+
+    out = tmp_path_factory.mktemp("demo-export") / "out"
+    proc = run_kiln("demo", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads(proc.stdout)

@@ -257,6 +257,31 @@ def test_a_consistent_resized_vocabulary_goes_to_peft_only(peft_adapter, demo_mo
         info.check_mode("merge")
 
 
+def test_peft_mode_carries_a_resized_vocabulary(peft_adapter, demo_model_dir, demo_base_key, toolchain, tmp_path):
+    """Added tokens with their embedding rows (modules_to_save) and tokenizer: peft mode exports them."""
+    from llama_cpp import Llama
+    from safetensors.numpy import load_file, save_file
+
+    weights = weights_with_embedding(peft_adapter, tmp_path / "w.safetensors", rows=BASE_VOCAB + 8)
+    tensors = load_file(weights)
+    base_embedding = load_file(demo_model_dir / "model.safetensors")["model.embed_tokens.weight"]
+    new_rows = np.random.default_rng(0).standard_normal((8, 576)).astype(np.float16) * np.float16(0.02)
+    tensors["base_model.model.model.embed_tokens.weight"] = np.concatenate([base_embedding, new_rows])
+    save_file(tensors, str(weights))
+    resized = variant(peft_adapter, tmp_path / "a", weights=weights, modules_to_save=["embed_tokens"],
+                      extra_files={"tokenizer.json": tokenizer_with(demo_model_dir, 8)})
+    shutil.copy(demo_model_dir / "tokenizer_config.json", resized / "tokenizer_config.json")
+    info = validate_adapter(resized, demo_model_dir, None, mode="peft")
+    out = apply_adapter(info, "peft", base_dir=demo_model_dir, base_gguf=None, base_key=demo_base_key, toolchain=toolchain)
+    layout = read_gguf_layout(Path(out.gguf))
+    assert layout.metadata["tokenizer.ggml.tokens"] == BASE_VOCAB + 8  # (an array: its length)
+    assert [t.shape for t in layout.tensors if t.name == "token_embd.weight"] == [(BASE_VOCAB + 8, 576)]
+    llm = Llama(model_path=out.gguf, n_ctx=128, n_threads=1, verbose=False)
+    assert llm.n_vocab() == BASE_VOCAB + 8
+    assert llm.tokenize(b"<|kiln_3|>", add_bos=False, special=True) == [BASE_VOCAB + 3]
+    llm.close()
+
+
 def test_accepts_a_legacy_bin_adapter(peft_adapter, demo_model_dir, tmp_path):
     import torch
     from safetensors.torch import load_file

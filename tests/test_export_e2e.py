@@ -16,14 +16,6 @@ from tasks.files import sha256_file
 from tests.kiln_cli import run_kiln
 
 
-@pytest.fixture(scope="session")
-def demo_export(tmp_path_factory: pytest.TempPathFactory, kiln_cache: Path) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("demo-export") / "out"
-    proc = run_kiln("demo", "--out", str(out), "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, json.loads(proc.stdout)
-
-
 def test_demo_writes_every_quant_with_a_manifest_that_matches_the_files(demo_export):
     out, manifest = demo_export
     assert manifest == json.loads((out / "manifest.json").read_text())

@@ -1,0 +1,137 @@
+"""The batch against the bare llama.cpp tools, and a second identical batch against the first.
+
+    .venv/bin/python bench/batch.py [--model DIR] [--quants q8_0,q4_k_m,q5_k_m,q6_k]
+
+Targets (one base × four quant types, verification off: the bare tools verify nothing):
+- first batch run, wall time <= 1.2 × (one bare conversion + four bare quantizations),
+  both measured in this same run, on an empty Kiln cache and an empty Prefect home;
+- second identical batch run <= 10 % of the first run's wall time.
+
+1. Bare tools: `convert_hf_to_gguf.py --outtype f16` as a subprocess, then
+   `llama_model_quantize` for each quant type, one after another with every core.
+2. In one child process (fresh KILN_CACHE_DIR and PREFECT_HOME, converter tree shared through
+   LLAMA_CPP_DIR): a trivial flow first, so the temporary Prefect server's start-up, paid once
+   a process, is measured apart; then `batch_export` over a one-item catalogue, timed around the
+   call: run 1 (real work), run 2 (identical: the folder is up to date), run 3 (`force`: the
+   export runs again and its conversion and quantizations come from Prefect's cross-run cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+CHILD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from prefect import flow, task
+@task
+def one(): return 1
+@flow
+def trivial(): return one()
+trivial()
+startup = time.perf_counter() - t0
+from flows.batch import batch_export
+runs = []
+for label, force in (("first", False), ("second", False), ("forced", True)):
+    t = time.perf_counter()
+    state = batch_export(sys.argv[1], force=force, return_state=True)
+    wall = time.perf_counter() - t
+    runs.append({"run": label, "wall": wall, "state": state.name, "rows": state.result() if state.is_completed() else str(state.message)})
+print("BENCH-JSON " + json.dumps({"startup": startup, "runs": runs}))
+"""
+
+
+def bare_tools(model: Path, quants: list[str], work: Path, converter: Path) -> dict[str, float]:
+    import llama_cpp
+
+    from tasks.quantize import known_quant_types
+    from tasks.toolchain import converter_env
+
+    times: dict[str, float] = {}
+    f16 = work / "bare-f16.gguf"
+    cmd = [sys.executable, str(converter / "convert_hf_to_gguf.py"), "--outtype", "f16", "--outfile", str(f16), str(model)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=converter_env(converter), capture_output=True)
+    times["convert f16"] = time.perf_counter() - t0
+    for quant in quants:
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = known_quant_types()[quant]
+        params.nthread = os.cpu_count() or 1
+        out = work / f"bare-{quant}.gguf"
+        t0 = time.perf_counter()
+        rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params))
+        times[f"quantize {quant}"] = time.perf_counter() - t0
+        if rc != 0:
+            raise SystemExit(f"bare quantize {quant} failed (return code {rc})")
+        out.unlink()
+    f16.unlink()
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="Hugging Face folder (default: the demo model)")
+    parser.add_argument("--quants", default="q8_0,q4_k_m,q5_k_m,q6_k")
+    args = parser.parse_args()
+    quants = args.quants.split(",")
+
+    import logging
+
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    from tasks.demo import ensure_demo_model
+    from tasks.toolchain import current_toolchain
+
+    model = (args.model or ensure_demo_model()[0]).resolve()
+    converter = Path(current_toolchain().converter_dir)
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-batch-") as tmp:
+        work = Path(tmp)
+        bare = bare_tools(model, quants, work, converter)
+        bare_total = sum(bare.values())
+
+        catalogue = work / "catalogue.yaml"
+        catalogue.write_text(json.dumps({
+            "out_root": str(work / "out"),
+            "defaults": {"verify": False, "placement": "local"},
+            "bases": [{"source": str(model), "name": "bench", "quants": quants}],
+        }))
+        env = {**os.environ, "KILN_CACHE_DIR": str(work / "cache"), "LLAMA_CPP_DIR": str(converter),
+               "PREFECT_HOME": str(work / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "PREFECT_LOGGING_LEVEL": "WARNING"}
+        proc = subprocess.run([sys.executable, "-c", CHILD, str(catalogue)], capture_output=True, text=True,
+                              env=env, cwd=REPO)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH-JSON ")), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(f"batch runs failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        result = json.loads(line.removeprefix("BENCH-JSON "))
+
+    runs = {r["run"]: r for r in result["runs"]}
+    first, second, forced = runs["first"], runs["second"], runs["forced"]
+    for run in (first, second, forced):
+        if run["state"] != "Completed":
+            raise SystemExit(f"batch run {run['run']} ended {run['state']}: {run['rows']}")
+    limit_first = 1.2 * bare_total
+    print(f"model: {model}; quant types: {', '.join(quants)}; {os.cpu_count()} cores")
+    print("bare tools (s): " + ", ".join(f"{k} {v:.2f}" for k, v in bare.items()) + f"; total {bare_total:.2f}")
+    print(f"prefect temporary server start-up + trivial flow (once a process, not in the runs): {result['startup']:.2f} s")
+    print(f"batch run 1 (empty caches), wall: {first['wall']:.2f} s = {first['wall'] / bare_total:.2f} × bare "
+          f"(target <= 1.20 × = {limit_first:.2f} s): {'PASS' if first['wall'] <= limit_first else 'FAIL'}")
+    print(f"batch run 2 (identical), wall: {second['wall']:.2f} s = {100 * second['wall'] / first['wall']:.1f} % of run 1 "
+          f"(target <= 10 %): {'PASS' if second['wall'] <= 0.1 * first['wall'] else 'FAIL'}; "
+          f"item status: {second['rows'][0]['status']}")
+    print(f"batch run 3 (force: export again, conversions from Prefect's cache), wall: {forced['wall']:.2f} s "
+          f"= {100 * forced['wall'] / first['wall']:.1f} % of run 1; item status: {forced['rows'][0]['status']}")
+
+
+if __name__ == "__main__":
+    main()

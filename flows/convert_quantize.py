@@ -1,0 +1,433 @@
+"""The heavy subflow: one float conversion of the base, then every quant type from it.
+
+Where it runs is the request's `placement`:
+
+- `local`: inline, in the export flow's own process (what `kiln export` does);
+- `cpu` / `gpu`: the export flow starts the `convert-quantize/<placement>` deployment
+  (`deployments/prefect.yaml`) with `run_deployment` and waits; a worker of that work pool runs it.
+  On the `gpu` pool the run holds one slot of the `gpu` tag's concurrency limit
+  (`prefect concurrency-limit create gpu 1`: one job a GPU).
+
+Caching has two layers, keyed the same way:
+
+- on disk, `tasks.convert.cached_build`: the GGUF under `KILN_CACHE_DIR/gguf/`, named by
+  (source content key, variant, toolchain key), with a sha256 stamp and a file lock;
+- in Prefect, each conversion and quantization task run is cached by the name of the cache file it
+  produces (so by the same content key, outtype or quant type, and toolchain key) plus the task's
+  source, with its result persisted. A later run (another export, another batch, another process)
+  finds the record, reports the task run `Cached` and does no work at all, not even a re-hash. A
+  cached result whose file is gone, or was modified after it was stamped, is built again.
+
+The records live in Prefect's result storage (`PREFECT_LOCAL_STORAGE_PATH`, by default
+`$PREFECT_HOME/storage`, or the block named by `PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK`); see
+docs/deployments.md for workers on several machines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from registry.models import ExportRequest, ResolvedSource
+from tasks.convert import convert_to_gguf, gguf_cache_path
+from tasks.errors import KilnError, ToolchainError
+from tasks.manifest import content_key
+from tasks.quantize import quantize_gguf
+from tasks.toolchain import Toolchain, current_toolchain
+
+FLOW_NAME = "convert-quantize"
+POOLS = ("cpu", "gpu")
+# How often a parent export asks the server whether its convert-quantize child has finished.
+POLL_SECONDS = float(os.environ.get("KILN_PLACEMENT_POLL_SECONDS", "2"))
+# Peak resident memory of one libllama quantization, measured on SmolLM2-135M: about 7 bytes per
+# element of the largest tensor (read buffer, f32 copy, output) over the process's baseline.
+_QUANT_BYTES_PER_ELEMENT = 10
+_QUANT_OVERHEAD = 64 << 20
+
+
+class PlacementFailed(KilnError):
+    """The convert-quantize run on a work pool could not start, failed, or left files this worker cannot see."""
+
+
+# ---------------------------------------------------------------- Prefect caching
+
+
+def _convert_cache_key(_ctx: Any, params: dict[str, Any]) -> str:
+    return "kiln-convert-" + gguf_cache_path(params["content_key"], params["outtype"], params["toolchain"]).name
+
+
+def _quantize_cache_key(_ctx: Any, params: dict[str, Any]) -> str:
+    return f"kiln-quantize-{Path(params['dst']).name}-from-{Path(params['src']).name}"
+
+
+@lru_cache(maxsize=None)
+def cached_task(step_name: str) -> Any:
+    """The step's Prefect task, cached across runs by the cache file it writes plus its own source."""
+    from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
+
+    step, key_fn = {
+        "convert": (convert_to_gguf, _convert_cache_key),
+        "quantize": (quantize_gguf, _quantize_cache_key),
+    }[step_name]
+    return step.task.with_options(cache_policy=CacheKeyFnPolicy(cache_key_fn=key_fn) + TASK_SOURCE,
+                                  persist_result=True)
+
+
+def cache_entry_intact(path: Path) -> bool:
+    """Cheap check that a cache entry a Prefect record points at is still what was stamped.
+
+    The entry exists and was not modified after its sha256 stamp was written (outputs are hard
+    links to entries, so an output edited in place would show here). No hashing: that is the
+    point of the Prefect cache; `cached_build` re-hashes whenever the task really runs.
+    """
+    stamp = path.with_name(path.name + ".sha256")
+    try:
+        return path.stat().st_size > 0 and path.stat().st_mtime_ns <= stamp.stat().st_mtime_ns
+    except OSError:
+        return False
+
+
+def _was_cached(state: Any) -> bool:
+    return state is not None and state.name == "Cached"
+
+
+# ---------------------------------------------------------------- progress artifacts
+
+
+def _in_flow_run() -> bool:
+    from prefect.context import FlowRunContext
+
+    return FlowRunContext.get() is not None
+
+
+class Progress:
+    """A Prefect progress artifact, updated at most every `every` seconds (no-op outside a flow run)."""
+
+    def __init__(self, key: str, description: str, every: float = 2.0):
+        self.every = every
+        self._id = None
+        self._last = 0.0
+        self._lock = threading.Lock()
+        if _in_flow_run():
+            from prefect.artifacts import create_progress_artifact
+
+            try:
+                self._id = create_progress_artifact(progress=0.0, key=key, description=description)
+            except Exception:  # progress is a nicety; never fail a conversion over it
+                self._id = None
+
+    def update(self, percent: float, force: bool = False) -> None:
+        if self._id is None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if not force and now - self._last < self.every:
+                return
+            self._last = now
+        from prefect.artifacts import update_progress_artifact
+
+        try:
+            update_progress_artifact(self._id, progress=max(0.0, min(100.0, percent)))
+        except Exception:
+            pass
+
+
+_BLOCK_RE = re.compile(r"\bblk\.(\d+)\.")
+_WRITING_RE = re.compile(r"Writing:\s+(\d+)%")
+
+
+def converter_progress(progress: Progress, n_layers: int | None) -> Callable[[str], None]:
+    """Turn the converter's output into a percentage: tensors read (to 50 %), then the writer's own bar."""
+
+    def on_line(line: str) -> None:
+        if match := _WRITING_RE.search(line):
+            progress.update(50 + int(match.group(1)) / 2)
+        elif n_layers and (match := _BLOCK_RE.search(line)):
+            progress.update(50 * (int(match.group(1)) + 1) / n_layers)
+
+    return on_line
+
+
+def _config(source: ResolvedSource) -> dict[str, Any]:
+    path = Path(source.path) / "config.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+# ---------------------------------------------------------------- memory budget
+
+
+def quant_memory_budget() -> int:
+    """Bytes the parallel quantizations may use together: `KILN_QUANT_MEMORY_GB`, else half the available memory."""
+    explicit = os.environ.get("KILN_QUANT_MEMORY_GB")
+    if explicit:
+        try:
+            return int(float(explicit) * (1 << 30))
+        except ValueError:
+            raise KilnError(f"KILN_QUANT_MEMORY_GB={explicit!r} is not a number of GiB") from None
+    import psutil
+
+    return psutil.virtual_memory().available // 2
+
+
+def quant_job_memory(base: Path, config: dict[str, Any]) -> int:
+    """Peak memory of one quantization: a few copies of the largest tensor (from config.json), else the base's size."""
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    widest = max(config.get("vocab_size") or 0, config.get("intermediate_size") or 0)
+    if hidden and widest:
+        return _QUANT_BYTES_PER_ELEMENT * int(hidden) * int(widest) + _QUANT_OVERHEAD
+    try:
+        return base.stat().st_size + _QUANT_OVERHEAD
+    except OSError:
+        return _QUANT_OVERHEAD
+
+
+def quant_parallelism(n_jobs: int, per_job: int, budget: int, parallel: int | None = None) -> tuple[int, int]:
+    """(parallel quantizations, threads each): bounded by the jobs, the cores, and the memory budget."""
+    cores = os.cpu_count() or 1
+    by_memory = max(1, budget // max(1, per_job))
+    workers = max(1, min(parallel or n_jobs or 1, cores, by_memory))
+    return workers, max(1, cores // workers)
+
+
+# ---------------------------------------------------------------- the work
+
+
+def convert_and_quantize(
+    source: ResolvedSource,
+    request: ExportRequest,
+    toolchain: Toolchain,
+    parallel: int | None = None,
+) -> dict[str, Path]:
+    """The heavy part: one cached float conversion, then every quant type from it. Returns cache paths."""
+    from tasks.preflight import gguf_file_type
+
+    logger = get_run_logger()
+    key = content_key(source.files)
+    config = _config(source)
+    if source.kind == "gguf":
+        base, base_label = Path(source.path), gguf_file_type(Path(source.path))
+        logger.info("prebuilt %s GGUF: no conversion", base_label)
+    else:
+        base_label = request.outtype
+        progress = Progress("kiln-convert", f"convert {source.id} to {base_label} GGUF")
+        on_line = converter_progress(progress, config.get("num_hidden_layers"))
+        task = cached_task("convert")
+        args = (Path(source.path), key, request.outtype, toolchain, on_line)
+        state = task(*args, return_state=True)
+        base, reused = state.result()
+        if _was_cached(state) and not cache_entry_intact(base):
+            logger.warning("cached conversion %s is gone or changed since stamped; converting again", base.name)
+            state = task.with_options(refresh_cache=True)(*args, return_state=True)
+            base, reused = state.result()
+        progress.update(100, force=True)
+        how = "cached (Prefect)" if _was_cached(state) else "reused from disk cache" if reused else "converted"
+        logger.info("base %s GGUF %s: %s", base_label, how, base.name)
+    results = {base_label: base}
+
+    todo = [q for q in request.quants if q != base_label]
+    if not todo:
+        return results
+    per_job = quant_job_memory(base, config)
+    budget = quant_memory_budget()
+    workers, threads = quant_parallelism(len(todo), per_job, budget, parallel)
+    logger.info("quantizing %s: %d at a time, %d thread(s) each (memory budget %.1f GB, %.2f GB a job)",
+                ", ".join(todo), workers, threads, budget / 1e9, per_job / 1e9)
+    progress = Progress("kiln-quantize", f"quantize {source.id}: {', '.join(todo)}", every=0)
+    task = cached_task("quantize")
+    done = 0
+
+    def finish(quant: str, future: Any) -> None:
+        nonlocal done
+        path = future.result()
+        if _was_cached(future.state) and not cache_entry_intact(path):
+            logger.warning("cached %s quantization %s is gone or changed since stamped; quantizing again", quant, path.name)
+            path = task.with_options(refresh_cache=True)(base, gguf_cache_path(key, quant, toolchain), quant, threads)
+        results[quant] = path
+        done += 1
+        progress.update(100 * done / len(todo), force=True)
+
+    # A sliding window of `workers` quantizations: never more in flight than the memory budget allows.
+    running: deque[tuple[str, Any]] = deque()
+    for quant in todo:
+        if len(running) >= workers:
+            finish(*running.popleft())
+        running.append((quant, task.submit(base, gguf_cache_path(key, quant, toolchain), quant, threads)))
+    while running:
+        finish(*running.popleft())
+    return {q: results[q] for q in [base_label, *todo]}
+
+
+def accelerators() -> dict[str, bool]:
+    """What this worker can offload to: llama.cpp's GPU backend, torch's CUDA."""
+    found = {"llama.cpp GPU offload": False, "torch CUDA": False}
+    try:
+        import llama_cpp
+
+        found["llama.cpp GPU offload"] = bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception:
+        pass
+    try:
+        import torch
+
+        found["torch CUDA"] = bool(torch.cuda.is_available())
+    except Exception:
+        pass
+    return found
+
+
+@contextmanager
+def gpu_slot(placement: str) -> Iterator[None]:
+    """On the gpu pool, hold one slot of the `gpu` tag's concurrency limit for the whole job.
+
+    The limit is created with `prefect concurrency-limit create gpu N` (N = GPUs); with none
+    defined the job runs at once. Tasks inside must not carry the `gpu` tag themselves (they
+    would wait for the slot their own flow run holds).
+    """
+    if placement != "gpu":
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    with concurrency("tag:gpu", occupy=1, strict=False):
+        yield
+
+
+def ensure_local_source(source: ResolvedSource, request: ExportRequest) -> ResolvedSource:
+    """The source as this machine sees it: as given when its path exists here, else fetched again here.
+
+    A worker on another machine re-fetches a Hub source into its own Hugging Face cache (pinned
+    revision, hashes checked) or rebuilds the demo folder; the content must be byte-identical.
+    """
+    if Path(source.path).exists():
+        return source
+    from tasks.fetch import fetch_source, locate_metadata, source_ref
+
+    ref = source_ref(request)
+    metadata, derived_from = locate_metadata(ref)
+    local = fetch_source(ref, metadata, derived_from)
+    if content_key(local.files) != content_key(source.files):
+        raise PlacementFailed(
+            f"{source.id} on this worker differs from what the export fetched ({source.path}): "
+            "the files' hashes do not match; pin the revision or share the source folder"
+        )
+    return local
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters
+    source, request = params.get("source", {}), params.get("request", {})
+    sid = source.get("id") if isinstance(source, dict) else getattr(source, "id", "?")
+    quants = request.get("quants") if isinstance(request, dict) else getattr(request, "quants", [])
+    return f"{sid}: {', '.join(quants or [])}"
+
+
+@flow(name=FLOW_NAME, persist_result=True, flow_run_name=_run_name)
+def convert_quantize(source: ResolvedSource, request: ExportRequest, toolchain_key: str | None = None) -> dict[str, str]:
+    """Convert the base to a float GGUF (cached) and make every quant type from it; returns quant → GGUF path.
+
+    Started by the export flow for `placement: cpu | gpu`; the paths are in this worker's
+    KILN_CACHE_DIR, which the export's worker must see too (same machine, or shared storage).
+    """
+    logger = get_run_logger()
+    toolchain = current_toolchain()
+    if toolchain_key and toolchain.cache_key != toolchain_key:
+        raise ToolchainError(
+            f"this worker's llama.cpp toolchain (llama-cpp-python {toolchain.llama_cpp_python}, converter "
+            f"{toolchain.converter_sha256[:12]}…) differs from the export's ({toolchain_key}); install the same "
+            "llama-cpp-python version on every worker"
+        )
+    if request.placement == "gpu":
+        logger.info("accelerators on this worker: %s",
+                    ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in accelerators().items()))
+    source = ensure_local_source(source, request)
+    with gpu_slot(request.placement):
+        paths = convert_and_quantize(source, request, toolchain)
+    return {quant: str(path) for quant, path in paths.items()}
+
+
+# ---------------------------------------------------------------- dispatch from the export flow
+
+
+def _check_pool(pool: str) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            work_pool = client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise PlacementFailed(
+                f"placement {pool!r}: the Prefect server has no {pool!r} work pool; create it with "
+                f"`prefect work-pool create {pool} --type process` (docs/deployments.md), or use placement local"
+            ) from None
+    status = str(getattr(work_pool.status, "value", work_pool.status) or "").upper()
+    if work_pool.is_paused or status == "PAUSED":
+        raise PlacementFailed(f"placement {pool!r}: the {pool!r} work pool is paused; resume it or use another placement")
+    if status != "READY":
+        raise PlacementFailed(
+            f"placement {pool!r}: no worker is polling the {pool!r} work pool; start one with "
+            f"`prefect worker start --pool {pool}`, or use another placement"
+        )
+
+
+def run_placed(source: ResolvedSource, request: ExportRequest, toolchain: Toolchain) -> dict[str, Path]:
+    """Conversion and quantization where the request says: inline, or on a `cpu`/`gpu` worker and wait."""
+    if request.placement == "local":
+        return convert_and_quantize(source, request, toolchain)
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    pool = request.placement
+    name = f"{FLOW_NAME}/{pool}"
+    _check_pool(pool)
+    logger = get_run_logger()
+    logger.info("running %s on the %s pool and waiting for it", name, pool)
+    try:
+        child = run_deployment(
+            name,
+            parameters={"source": source.model_dump(mode="json"), "request": request.model_dump(mode="json"),
+                        "toolchain_key": toolchain.cache_key},
+            timeout=None,
+            poll_interval=POLL_SECONDS,
+        )
+    except ObjectNotFound:
+        raise PlacementFailed(
+            f"placement {pool!r}: no {name!r} deployment on the Prefect server; deploy them with "
+            "`prefect deploy --all --prefect-file deployments/prefect.yaml`, or use placement local"
+        ) from None
+    state = child.state
+    if state is None or not state.is_completed():
+        raise PlacementFailed(
+            f"{name} (flow run {child.name}) ended {state.name if state else 'without a state'}"
+            + (f": {state.message}" if state is not None and state.message else "")
+        )
+    try:
+        paths = {quant: Path(p) for quant, p in state.result().items()}
+    except Exception as exc:
+        raise PlacementFailed(
+            f"{name} completed but its result could not be read here ({exc}); workers on several machines "
+            "need shared result storage (PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK, docs/deployments.md)"
+        ) from None
+    missing = [str(p) for p in paths.values() if not p.is_file()]
+    if missing:
+        raise PlacementFailed(
+            f"{name} wrote {', '.join(missing)}, which this worker cannot see; point KILN_CACHE_DIR on every "
+            "worker at the same shared folder (docs/deployments.md)"
+        )
+    return paths
