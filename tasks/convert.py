@@ -19,9 +19,12 @@ from filelock import FileLock
 
 from tasks.errors import ConversionFailed
 from tasks.step import step
+from tasks.progress import progress_reporter
 from tasks.files import atomic_path, cache_dir, sha256_file, write_text_atomic
 from tasks.toolchain import Toolchain, converter_env
 
+# The converter's tqdm bar: "Writing:  45%|████▌     | 123M/270M ..."
+_WRITING_RE = re.compile(r"Writing:\s+(\d+)%")
 _ERROR_LINE = re.compile(r"(Error|error|Exception|NotImplementedError|not supported|Traceback)")
 
 
@@ -75,8 +78,16 @@ def convert_to_gguf(
     final = gguf_cache_path(content_key, outtype, toolchain)
 
     def build(tmp: Path) -> None:
+        report = progress_reporter(f"convert {model_dir.name} to {outtype} GGUF")
+
+        def watch(line: str) -> None:
+            if match := _WRITING_RE.search(line):
+                report(int(match.group(1)) / 100)
+            if on_line:
+                on_line(line)
+
         run_converter("convert_hf_to_gguf.py", ["--outtype", outtype, "--outfile", str(tmp), str(model_dir)],
-                      toolchain, on_line)
+                      toolchain, watch)
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise ConversionFailed(f"the converter exited cleanly but wrote nothing for {model_dir}")
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict
 
 from registry.models import Check
 from tasks.errors import VerificationFailed
+from tasks.progress import progress_reporter
 from tasks.step import step
 
 VERIFY_PROMPTS: tuple[str, ...] = (
@@ -154,9 +155,11 @@ def verify_outputs(outputs: dict[str, Path], hf_dir: Path | None, float_quant: s
     """Checks for every GGUF; raises `VerificationFailed` naming each failure after running them all."""
     checks: list[Check] = []
     runs: dict[str, GgufRun] = {}
-    for quant, path in outputs.items():
+    report = progress_reporter(f"verify {len(outputs)} GGUF files")
+    for done, (quant, path) in enumerate(outputs.items(), start=1):
         run = run_gguf(path)
         runs[quant] = run
+        report(done / (len(outputs) + 1))
         runaway = [g.prompt for g in run.generations if not g.stopped]
         answer = run.generations[0].text.strip().replace("\n", " ")
         # A broken EOS or template makes every prompt run away; one greedy loop on a tiny
@@ -178,6 +181,7 @@ def verify_outputs(outputs: dict[str, Path], hf_dir: Path | None, float_quant: s
             name="top-1 agreement with transformers", target=float_quant, passed=agreement >= PARITY_THRESHOLD,
             value=round(agreement, 4), detail=f"{agreement:.1%} of {positions} positions (threshold {PARITY_THRESHOLD:.0%})",
         ))
+    report(1.0)
     failed = [c for c in checks if not c.passed]
     if failed:
         raise VerificationFailed("; ".join(f"{c.target}: {c.name} failed ({c.detail})" for c in failed))
