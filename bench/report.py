@@ -69,7 +69,8 @@ def main() -> int:
             report = rp.measure_quants(f16, quants, n_threads=args.threads, n_ctx=args.n_ctx,
                                        n_chunks=args.n_chunks, gen_tokens=args.gen_tokens)
             t_report = time.perf_counter() - t1
-            f16.unlink()
+            for leftover in [f16, *f16.parent.glob(f16.name + ".*")]:  # the file, its lock and sidecars
+                leftover.unlink(missing_ok=True)
             exports.append(t_export)
             reports.append(t_report)
             converts.append(t_convert)

@@ -61,6 +61,12 @@ def print_summary(manifest, status: str) -> None:
     for check in manifest.checks:
         checks.add_row(check.name, check.target, "[green]pass[/]" if check.passed else "[red]FAIL[/]", check.detail)
     console.print(checks)
+    if manifest.report is not None:
+        from tasks.report import rich_table
+
+        console.print(rich_table(manifest.report, manifest.choice))
+        if manifest.choice is not None:
+            console.print(f"--quant auto chose [bold]{manifest.choice.quant}[/]: {manifest.choice.reason}")
     if manifest.timings:
         console.print("times (s): " + ", ".join(f"{k} {v:g}" for k, v in manifest.timings.items()))
     console.print(f"[bold green]{status}[/]")
@@ -104,6 +110,7 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--accept-license", is_flag=True, help="Accept the base's licence where it requires acceptance."),
         click.option("--force", is_flag=True, help="Export again even when the outputs are up to date."),
         click.option("--dialect", help="Chat-template dialect when the model's own template is not recognised."),
+        click.option("--no-report", is_flag=True, help="Skip measuring each quant type against f16."),
         click.option("--ollama-name", help="Register with Ollama (OLLAMA_HOST) under this name."),
         click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout."),
     ]
@@ -115,7 +122,9 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @cli.command("export")
 @click.argument("source")
 @click.option("--quant", "quants", default="q8_0,q4_k_m", show_default=True,
-              help="Comma-separated quant types, e.g. q4_k_m,q8_0.")
+              help="Comma-separated quant types, e.g. q4_k_m,q8_0; or `auto` with --max-size / --max-kl.")
+@click.option("--max-size", help="With --quant auto: the largest acceptable file, e.g. 500MB.")
+@click.option("--max-kl", type=float, help="With --quant auto: the largest acceptable mean KL divergence from f16.")
 @export_options
 @fail_cleanly
 @click.option("--resolve-revision", is_flag=True, help="Resolve a Hub branch or tag to its commit once, and record it.")
@@ -123,15 +132,16 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Allow pickled *.bin/*.pt weights. Dangerous: unpickling can run arbitrary code.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model whose config asks for its own code.")
 def export_command(source: str, quants: str, out_dir: Path | None, outtype: str | None, name: str | None,
-                   no_verify: bool, accept_license: bool, force: bool, dialect: str | None, ollama_name: str | None,
-                   as_json: bool, resolve_revision: bool, allow_pickle: bool, trust_remote_code: bool) -> None:
+                   no_verify: bool, accept_license: bool, force: bool, dialect: str | None, no_report: bool,
+                   ollama_name: str | None, as_json: bool, resolve_revision: bool, allow_pickle: bool,
+                   trust_remote_code: bool, max_size: str | None, max_kl: float | None) -> None:
     """Export SOURCE to GGUF: a registry key, a local Hugging Face folder or GGUF file,
     hf:ORG/NAME@SHA, hf:ORG/NAME@SHA#PATTERN.gguf (a prebuilt GGUF), or `demo`."""
     request = build_request(
         source=source, quants=[q for q in quants.split(",") if q.strip()], out_dir=str(out_dir) if out_dir else None,
         outtype=outtype, name=name, verify=not no_verify, accept_license=accept_license, dialect=dialect,
         ollama_name=ollama_name, resolve_revision=resolve_revision, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
+        trust_remote_code=trust_remote_code, report=not no_report, max_size=max_size, max_kl=max_kl,
     )
     run_export_command(request, as_json, force)
 
@@ -140,14 +150,45 @@ def export_command(source: str, quants: str, out_dir: Path | None, outtype: str 
 @export_options
 @fail_cleanly
 def demo_command(out_dir: Path | None, outtype: str | None, name: str | None, no_verify: bool,
-                 accept_license: bool, force: bool, dialect: str | None, ollama_name: str | None,
-                 as_json: bool) -> None:
+                 accept_license: bool, force: bool, dialect: str | None, no_report: bool,
+                 ollama_name: str | None, as_json: bool) -> None:
     """Export the embedded SmolLM2-135M-Instruct to f16, Q8_0 and Q4_K_M, run each, and summarise. No network."""
     request = build_request(
         source="demo", quants=list(DEMO_QUANTS), out_dir=str(out_dir or "kiln-demo"), outtype=outtype, name=name,
         verify=not no_verify, accept_license=accept_license, dialect=dialect, ollama_name=ollama_name,
+        report=not no_report,
     )
     run_export_command(request, as_json, force)
+
+
+@cli.command("report")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@fail_cleanly
+def report_command(out_dir: Path, as_json: bool) -> None:
+    """The quality, size and speed of each quant type in an export, measured against its float GGUF.
+
+    Uses the report in the manifest; measures now (and records it) when the export was made with --no-report.
+    """
+    from tasks.manifest import read_manifest, write_manifest
+    from tasks.report import measure_quants, report_markdown, rich_table, write_report_files
+
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise KilnError(f"{out_dir} holds no Kiln export (no manifest.json)")
+    if manifest.report is None:
+        ggufs = {o.quant: out_dir / o.path for o in manifest.outputs if o.path.endswith(".gguf")}
+        float_label = next((q for q in ("f32", "f16", "bf16") if q in ggufs), None)
+        if float_label is None or len(ggufs) < 2:
+            raise KilnError(f"{out_dir} needs a float GGUF and at least one quant type to compare")
+        manifest.report = measure_quants(ggufs.pop(float_label), ggufs, reference_name=float_label)
+        write_report_files(manifest.report, out_dir, manifest.choice)
+        write_manifest(out_dir, manifest)
+    if as_json:
+        click.echo(manifest.report.model_dump_json(indent=2))
+    else:
+        console.print(rich_table(manifest.report, manifest.choice))
+        console.print(report_markdown(manifest.report, manifest.choice).splitlines()[-1], highlight=False)
 
 
 @cli.command("setup")

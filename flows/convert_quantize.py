@@ -27,11 +27,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -143,22 +142,6 @@ class Progress:
             pass
 
 
-_BLOCK_RE = re.compile(r"\bblk\.(\d+)\.")
-_WRITING_RE = re.compile(r"Writing:\s+(\d+)%")
-
-
-def converter_progress(progress: Progress, n_layers: int | None) -> Callable[[str], None]:
-    """Turn the converter's output into a percentage: tensors read (to 50 %), then the writer's own bar."""
-
-    def on_line(line: str) -> None:
-        if match := _WRITING_RE.search(line):
-            progress.update(50 + int(match.group(1)) / 2)
-        elif n_layers and (match := _BLOCK_RE.search(line)):
-            progress.update(50 * (int(match.group(1)) + 1) / n_layers)
-
-    return on_line
-
-
 def _config(source: ResolvedSource) -> dict[str, Any]:
     path = Path(source.path) / "config.json"
     try:
@@ -223,17 +206,14 @@ def convert_and_quantize(
         logger.info("prebuilt %s GGUF: no conversion", base_label)
     else:
         base_label = request.outtype
-        progress = Progress("kiln-convert", f"convert {source.id} to {base_label} GGUF")
-        on_line = converter_progress(progress, config.get("num_hidden_layers"))
-        task = cached_task("convert")
-        args = (Path(source.path), key, request.outtype, toolchain, on_line)
+        task = cached_task("convert")  # publishes its own progress artifact while converting (tasks/convert.py)
+        args = (Path(source.path), key, request.outtype, toolchain)
         state = task(*args, return_state=True)
         base, reused = state.result()
         if _was_cached(state) and not cache_entry_intact(base):
             logger.warning("cached conversion %s is gone or changed since stamped; converting again", base.name)
             state = task.with_options(refresh_cache=True)(*args, return_state=True)
             base, reused = state.result()
-        progress.update(100, force=True)
         how = "cached (Prefect)" if _was_cached(state) else "reused from disk cache" if reused else "converted"
         logger.info("base %s GGUF %s: %s", base_label, how, base.name)
     results = {base_label: base}

@@ -14,7 +14,16 @@ from filelock import FileLock
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from registry.models import Check, ExportRequest, Manifest, OllamaPlan, OutputFile, ResolvedSource
+from registry.models import (
+    Check,
+    ExportRequest,
+    Manifest,
+    OllamaPlan,
+    OutputFile,
+    QuantChoice,
+    QuantReport,
+    ResolvedSource,
+)
 from tasks.convert import gguf_cache_path, place_output
 from tasks.fetch import SourceRef, display_name, source_ref
 from tasks.files import remove_stale_temporaries, safe_child, sha256_file
@@ -34,6 +43,7 @@ def run_export(request: ExportRequest) -> Manifest:
     """Every step of an export, in order; runs inside the `export` flow."""
     from tasks.fetch import fetch_source, locate_metadata
     from tasks.modelfile import write_modelfiles
+    from tasks.report import measure_quants, write_report_files
     from tasks.preflight import run_preflight
     from tasks.verify import verify_outputs
 
@@ -56,16 +66,30 @@ def run_export(request: ExportRequest) -> Manifest:
     lap("fetch", t0)
 
     t0 = time.perf_counter()
+    asked = request  # what the manifest records; `request` below may carry the type `auto` chose
+    choice = None
+    if request.quants == ["auto"]:
+        request, choice, auto_report = choose_quant_by_measuring(source, request, toolchain)
     # placement: inline here, or the convert-quantize deployment on a cpu/gpu worker (flows/convert_quantize.py).
     cached = run_placed(source, request, toolchain)
     lap("convert_quantize", t0)
+    float_label = next(iter(cached))
 
     checks: list[Check] = list(report.checks)
     if request.verify:
         t0 = time.perf_counter()
         hf_dir = Path(source.path) if source.kind != "gguf" else None
-        checks += verify_outputs.task(cached, hf_dir, request.outtype if hf_dir else None)
+        checks += verify_outputs.task(cached, hf_dir, float_label if hf_dir else None)
         lap("verify", t0)
+
+    quant_report = None
+    if choice is not None:
+        quant_report = auto_report
+    elif request.report and len(cached) > 1:
+        t0 = time.perf_counter()
+        quant_report = measure_quants.task(cached[float_label], {q: p for q, p in cached.items() if q != float_label},
+                                           reference_name=float_label)
+        lap("report", t0)
 
     t0 = time.perf_counter()
     stem = request.name or display_name(ref)
@@ -81,6 +105,8 @@ def run_export(request: ExportRequest) -> Manifest:
         ollama = write_modelfiles.task(out_dir, placed, report.chat.dialect, report.chat.verified, report.chat.system,
                                        licence_line(ref), request.ollama_name)
     outputs = [record_output(out_dir, name, quant) for quant, name in placed.items()]
+    if quant_report is not None:
+        write_report_files(quant_report, out_dir, choice)
     if ollama is not None:
         outputs += [record_output(out_dir, m.modelfile, m.quant) for m in ollama.models]
     lap("outputs", t0)
@@ -93,8 +119,8 @@ def run_export(request: ExportRequest) -> Manifest:
 
     manifest = Manifest(
         kiln_version=KILN_VERSION,
-        request=request,
-        request_key=request_key(request, source.files, toolchain),
+        request=asked,
+        request_key=request_key(asked, source.files, toolchain),
         source=source,
         toolchain=toolchain,
         outputs=outputs,
@@ -102,10 +128,35 @@ def run_export(request: ExportRequest) -> Manifest:
         timings=timings,
         created_at=now_iso(),
         ollama=ollama,
+        report=quant_report,
+        choice=choice,
     )
     write_manifest(out_dir, manifest)
     publish_summary(manifest)
     return manifest
+
+
+def choose_quant_by_measuring(
+    source: ResolvedSource, request: ExportRequest, toolchain: Toolchain
+) -> tuple[ExportRequest, QuantChoice, QuantReport]:
+    """`--quant auto`: quantize the candidates, measure them against the float GGUF, keep the best within bounds.
+
+    The cost is visible: every candidate is quantized and measured once (their
+    times are in the report), then only the chosen type is exported.
+    """
+    import tempfile
+
+    from tasks.files import cache_dir
+    from tasks.report import AUTO_CANDIDATES, choose_quant, measure_candidates
+    from tasks.units import parse_size
+
+    base_only = request.model_copy(update={"quants": []})
+    float_gguf = next(iter(run_placed(source, base_only, toolchain).values()))
+    with tempfile.TemporaryDirectory(prefix="kiln-auto-", dir=cache_dir()) as work:
+        measured, _ = measure_candidates(float_gguf, Path(work), AUTO_CANDIDATES)
+    choice = choose_quant(measured, parse_size(request.max_size) if request.max_size else None, request.max_kl)
+    get_run_logger().info("--quant auto chose %s: %s", choice.quant, choice.reason)
+    return request.model_copy(update={"quants": [choice.quant]}), choice, measured
 
 
 def record_output(out_dir: Path, name: str, quant: str) -> OutputFile:
@@ -152,6 +203,10 @@ def summary_markdown(manifest: Manifest) -> str:
     lines += ["", "| check | target | result | detail |", "| --- | --- | --- | --- |"]
     for check in manifest.checks:
         lines.append(f"| {check.name} | {check.target} | {'pass' if check.passed else 'FAIL'} | {check.detail} |")
+    if manifest.report is not None:
+        from tasks.report import report_markdown
+
+        lines += ["", report_markdown(manifest.report, manifest.choice)]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in manifest.timings.items())]
     return "\n".join(lines)
 

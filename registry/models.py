@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from tasks.toolchain import Toolchain
 
@@ -51,6 +51,28 @@ class ExportRequest(BaseModel):
     trust_remote_code: bool = Field(False, description="Allow a model whose config asks for custom code (not registry keys: their spec decides).")
     dialect: str | None = Field(None, description="Chat-template dialect for the Modelfile when the model's own template is not recognised.")
     ollama_name: str | None = Field(None, description="Register the outputs with Ollama under this name (tag = quant type unless given).")
+    report: bool = Field(True, description="Measure each quant type against f16: KL divergence, top-1, perplexity, speed.")
+    max_size: str | None = Field(None, description="With quants [auto]: the largest acceptable file, e.g. 500MB.")
+    max_kl: float | None = Field(None, gt=0, description="With quants [auto]: the largest acceptable mean KL divergence from f16.")
+
+    @model_validator(mode="after")
+    def _auto_needs_a_bound(self) -> ExportRequest:
+        if "auto" in self.quants:
+            if self.quants != ["auto"]:
+                raise ValueError("quants: `auto` picks one quant type by itself; give it alone")
+            if self.max_size is None and self.max_kl is None:
+                raise ValueError("quants [auto] needs a bound to choose by: max_size (e.g. 500MB) or max_kl (e.g. 0.05)")
+        elif self.max_size is not None or self.max_kl is not None:
+            raise ValueError("max_size and max_kl only apply to quants [auto]")
+        if self.max_size is not None:
+            from tasks.errors import KilnError
+            from tasks.units import parse_size
+
+            try:
+                parse_size(self.max_size)
+            except KilnError as exc:
+                raise ValueError(f"max_size: {exc}") from None
+        return self
     placement: Literal["local", "cpu", "gpu"] = Field(
         "local",
         description=(
@@ -70,6 +92,18 @@ class ExportRequest(BaseModel):
                 parse_model_name(value)
             except KilnError as exc:
                 raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("source", "out_dir", "dialect")
+    @classmethod
+    def _plain_text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # "" would mean the current folder; a NUL or newline is no path or name anyone means.
+        if value is not None:
+            if not value.strip():
+                raise ValueError(f"{info.field_name} is empty; give a value (see `kiln export --help`)")
+            bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+            if bad is not None:
+                raise ValueError(f"{info.field_name} contains the control character {bad!r}; remove it")
         return value
 
     @field_validator("quants")
@@ -136,6 +170,76 @@ class OutputFile(BaseModel):
     sha256: str
 
 
+class QuantMetrics(BaseModel):
+    """One GGUF's row of the report. The reference row has KL 0 and top-1 agreement 1 by definition."""
+
+    quant: str
+    file: str
+    is_reference: bool = False
+    size_bytes: int = Field(description="file size on disk")
+    n_params: int
+    bits_per_weight: float = Field(description="tensor bytes × 8 / parameters, as llama.cpp prints BPW")
+    kl_mean: float = Field(description="mean KL(f16 ‖ this) per scored token of the evaluation text, nats")
+    kl_p99: float
+    kl_max: float
+    top1_agreement: float = Field(description="fraction of scored tokens whose argmax equals f16's")
+    ppl: float = Field(description="perplexity on the evaluation text (scored halves of the chunks)")
+    ppl_ratio: float = Field(description="PPL(this) / PPL(f16)")
+    chat_kl_mean: float | None = None
+    chat_top1_agreement: float | None = None
+    prompt_tps: float = Field(description="prompt processing tokens/s (batch n_ctx/2, no logits)")
+    gen_tps: float = Field(description="greedy generation tokens/s, one token a decode")
+    eval_seconds: float = Field(description="wall time spent measuring this file")
+    quantize_seconds: float | None = Field(default=None, description="time to quantize it, when measured")
+
+
+class QuantReport(BaseModel):
+    """Everything `measure_quants` measured; embedded in the manifest as is."""
+
+    schema_version: int = 1
+    reference: str = "f16"
+    eval_text: str
+    eval_text_sha256: str
+    n_ctx: int
+    n_chunks: int
+    scored_tokens: int
+    chat_prompts: int
+    chat_tokens: int
+    n_threads: int
+    load_average: float = Field(description="1-minute load average when the measurement started")
+    machine: str
+    llama_cpp_python: str
+    measure_seconds: float
+    quantize_seconds: float | None = Field(
+        default=None, description="total time spent quantizing candidates for `--quant auto`"
+    )
+    rows: list[QuantMetrics]
+
+    def row(self, quant: str) -> QuantMetrics:
+        for r in self.rows:
+            if r.quant == quant:
+                return r
+        raise KeyError(quant)
+
+    def by_size(self) -> list[QuantMetrics]:
+        """Rows largest first (the reference, usually, then best quality to smallest)."""
+        return sorted(self.rows, key=lambda r: (-r.size_bytes, r.kl_mean))
+
+
+class QuantChoice(BaseModel):
+    """What `--quant auto` picked, and why."""
+
+    quant: str
+    size_bytes: int
+    kl_mean: float
+    top1_agreement: float
+    reason: str
+    max_size_bytes: int | None = None
+    max_kl: float | None = None
+    considered: list[str]
+    rejected: dict[str, str] = Field(default_factory=dict, description="quant → why it was not chosen")
+
+
 class OllamaModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -174,3 +278,5 @@ class Manifest(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     created_at: str
     ollama: OllamaPlan | None = None
+    report: QuantReport | None = Field(None, description="Quality, size and speed of each quant type against f16.")
+    choice: QuantChoice | None = Field(None, description="What `--quant auto` picked, and why.")

@@ -23,6 +23,7 @@ from typing import Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SHA_RE: Final[re.Pattern[str]] = re.compile(r"^[0-9a-f]{40}$")
+HF_ID_PART_RE: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9._-]+$")
 DEFAULT_PROMPT_TEMPERATURE: Final[float] = 0.7
 DEFAULT_REASONING_PROMPT_TEMPERATURE: Final[float] = 0.6
 
@@ -200,6 +201,16 @@ class BaseModelSpec(BaseModel):
         org, _, name = value.partition("/")
         if not org or not name or "/" in name:
             raise ValueError(f"hf_id must be 'org/name' (single `/`), got {value!r}")
+        # The Hub's own rules for repo ids; they also keep the id from naming a path outside the Hub cache.
+        for part in (org, name):
+            if (not HF_ID_PART_RE.fullmatch(part) or "--" in part or ".." in part
+                    or part[0] in "-." or part[-1] in "-."):
+                raise ValueError(
+                    f"hf_id {value!r}: {part!r} is not a Hub name (letters, digits, '-', '_', '.'; "
+                    "no '--' or '..'; not starting or ending with '-' or '.')"
+                )
+        if len(value) > 96:
+            raise ValueError(f"hf_id {value!r} is {len(value)} characters; the Hub allows at most 96")
         return value
 
     @field_validator("target_modules")

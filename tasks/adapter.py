@@ -39,15 +39,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field
 
 from registry.models import SourceFile
 from registry.spec import BaseModelSpec
-from tasks.convert import convert_to_gguf, gguf_cache_path, run_converter
-from tasks.errors import KilnError
+from tasks.convert import cached_build, gguf_cache_path, run_converter
+from tasks.errors import ConversionFailed, KilnError
 from tasks.fetch import fingerprint, model_files, read_config
-from tasks.files import atomic_path
+from tasks.files import TEMP_PREFIX, atomic_path
+from tasks.progress import progress_reporter
 from tasks.toolchain import Toolchain
 
 AdapterMode = Literal["merge", "adapter", "peft"]
@@ -673,25 +673,23 @@ def convert_adapter_to_gguf(
     if reason:
         raise AdapterModeUnsupported(f"the adapter {adapter_dir} cannot become a GGUF LoRA: {reason}. Use --adapter-mode peft.")
     final = adapter_gguf_cache_path(info, base_dir, toolchain, outtype)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if final.is_file():
-            return final, True
+
+    def build(tmp: Path) -> None:
         with tempfile.TemporaryDirectory(prefix="kiln-lora-") as staging_root:
             source = adapter_dir
             if info.needs_scale_fold:
                 source = Path(staging_root) / "adapter"
                 fold_scale_into_lora_b(adapter_dir, source, info)
-            with atomic_path(final) as tmp:
-                run_converter(
-                    "convert_lora_to_gguf.py",
-                    ["--outtype", outtype, "--base", str(base_dir), "--outfile", str(tmp), str(source)],
-                    toolchain,
-                    on_line,
-                )
-                if not tmp.is_file() or tmp.stat().st_size == 0:
-                    raise KilnError(f"convert_lora_to_gguf.py exited cleanly but wrote nothing for {adapter_dir}")
-    return final, False
+            run_converter(
+                "convert_lora_to_gguf.py",
+                ["--outtype", outtype, "--base", str(base_dir), "--outfile", str(tmp), str(source)],
+                toolchain,
+                on_line,
+            )
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise ConversionFailed(f"convert_lora_to_gguf.py exited cleanly but wrote nothing for {adapter_dir}")
+
+    return cached_build(final, build)
 
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
@@ -1085,16 +1083,19 @@ def peft_merge_to_gguf(
         from tasks.manifest import content_key
 
         base_key = content_key(fingerprint(model_files(base_dir), base_dir))
-    key = f"{base_key}-peft{info.sha256[:16]}"
-    final = gguf_cache_path(key, outtype, toolchain)
-    if final.is_file():
-        return final, True
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="kiln-peft-", dir=final.parent) as tmp:
-        merged_dir = Path(tmp) / "merged"
-        _peft_merge_folder(adapter_dir, base_dir, merged_dir, info)
-        path, reused = convert_to_gguf(merged_dir, key, outtype, toolchain, on_line)
-    return path, reused
+    final = gguf_cache_path(f"{base_key}-peft{info.sha256[:16]}", outtype, toolchain)
+
+    def build(tmp: Path) -> None:
+        # Named like the entry's temporaries, so a killed run's folder is swept by the next builder.
+        with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{final.name}.peft-", dir=final.parent) as staging:
+            merged_dir = Path(staging) / "merged"
+            _peft_merge_folder(adapter_dir, base_dir, merged_dir, info)
+            run_converter("convert_hf_to_gguf.py", ["--outtype", outtype, "--outfile", str(tmp), str(merged_dir)],
+                          toolchain, on_line)
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise ConversionFailed(f"the converter exited cleanly but wrote nothing for the peft merge of {adapter_dir}")
+
+    return cached_build(final, build)
 
 
 def _peft_merge_folder(adapter_dir: Path, base_dir: Path, out: Path, info: AdapterInfo) -> None:
@@ -1162,10 +1163,12 @@ def apply_adapter(
         return AdapterOutput(mode=mode, adapter_sha256=info.sha256, gguf=str(base_gguf), lora_gguf=str(lora),
                              reused=lora_reused, seconds=round(time.perf_counter() - started, 3))
     final = merged_gguf_cache_path(base_key, info, outtype, toolchain)
-    with FileLock(str(final) + ".lock"):
-        reused = final.is_file()
-        if not reused:
-            merge_lora_gguf(Path(base_gguf), lora, final)
+
+    def build(tmp: Path) -> None:
+        report = progress_reporter(f"merge adapter {adapter_dir.name} into {Path(base_gguf).name}")
+        merge_lora_gguf(Path(base_gguf), lora, tmp, on_progress=lambda done, total: report(done / total))
+
+    final, reused = cached_build(final, build)
     return AdapterOutput(mode=mode, adapter_sha256=info.sha256, gguf=str(final), lora_gguf=str(lora),
                          reused=reused, seconds=round(time.perf_counter() - started, 3))
 

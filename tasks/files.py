@@ -7,6 +7,8 @@ complete, so a killed run never leaves a half-written file under a final name.
 from __future__ import annotations
 
 import contextlib
+import errno
+import glob
 import hashlib
 import os
 import shutil
@@ -14,10 +16,12 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.errors import OutputDirInvalid
+from tasks.errors import NotEnoughDisk, OutputDirInvalid
 
 TEMP_PREFIX = ".kiln-tmp-"
 _HASH_CHUNK = 8 * 1024 * 1024
+# A write that fails with one of these failed for want of space (bytes, inodes or quota), not for a bug.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def cache_dir() -> Path:
@@ -44,15 +48,71 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """True for an `OSError` that says the disk (or the quota, or the inode table) is full."""
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def _written(tmp: Path) -> int:
+    """Bytes under a temporary file or folder so far (0 when it is gone)."""
+    try:
+        if tmp.is_dir():
+            return sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        return tmp.stat().st_size
+    except OSError:
+        return 0
+
+
+def disk_full(final: Path, *, step: str | None = None, written: int = 0, need: int | None = None,
+              cause: str | None = None) -> NotEnoughDisk:
+    """The error for a write of `final` that ran out of space: which step, which file, how much, what to do."""
+    folder = final.parent
+    name = final.name
+    if name.startswith(TEMP_PREFIX):  # a temporary of ours: name the file it was becoming
+        name = name[len(TEMP_PREFIX):].rsplit(".", 1)[0]
+    free, no_inodes = None, False
+    with contextlib.suppress(OSError):
+        stats = os.statvfs(folder)
+        free = stats.f_bavail * stats.f_frsize
+        no_inodes = stats.f_files > 0 and stats.f_favail == 0
+    what = f"step {step!r}" if step else "a write"
+    parts = [f"{what} ran out of disk space writing {name} in {folder}: {human_bytes(written)} written"]
+    if need:
+        parts.append(f"it needs about {human_bytes(need)}")
+    if free is not None:
+        parts.append(f"{human_bytes(free)} free" + (" and no free inodes (files) left" if no_inodes else ""))
+    message = "; ".join(parts)
+    if cause:
+        message += f" ({cause})"
+    return NotEnoughDisk(
+        f"{message}. The partial file was removed, so nothing is left under a final name. Free space, or "
+        "point --out / KILN_CACHE_DIR at a larger disk, and run again: completed steps are reused."
+    )
+
+
 @contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
+def atomic_path(final: Path, *, step: str | None = None, need: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it onto `final` only if the block succeeds.
 
     The temporary name starts with `TEMP_PREFIX`, so leftovers of a killed run are
-    recognisable and `remove_stale_temporaries` can sweep them.
+    recognisable and `remove_stale_temporaries` can sweep them. A write that runs out
+    of space (ENOSPC/EDQUOT) becomes `NotEnoughDisk` naming `step`, the file, the bytes
+    written so far, `need` (when the caller knows it) and the space left.
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(final, step=step, need=need, cause=exc.strerror) from None
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -60,25 +120,36 @@ def atomic_path(final: Path) -> Iterator[Path]:
         # mkstemp creates 0600; outputs are meant to be read by others (Ollama, workers).
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
+        written = _written(tmp)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if is_disk_full(exc):
+            raise disk_full(final, step=step, written=written, need=need, cause=exc.strerror) from None
         raise
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, *, step: str | None = None, need: int | None = None) -> Iterator[Path]:
     """Like `atomic_path`, for a folder built in place and renamed when complete."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent))
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(final, step=step, need=need, cause=exc.strerror) from None
+        raise
     try:
         yield tmp
         os.chmod(tmp, 0o755)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
+        written = _written(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise disk_full(final, step=step, written=written, need=need, cause=exc.strerror) from None
         raise
 
 
@@ -87,11 +158,16 @@ def write_text_atomic(final: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temporaries a killed run left in `folder`; return what was removed."""
+def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path]:
+    """Delete temporaries a killed run left in `folder` (only those of the final file `name`, when given).
+
+    Call it only while holding the lock that every writer of those names holds:
+    a temporary in use by a live writer looks the same as a killed one's.
+    """
     removed = []
     if folder.is_dir():
-        for leftover in folder.glob(f"{TEMP_PREFIX}*"):
+        pattern = f"{TEMP_PREFIX}{glob.escape(name)}.*" if name else f"{TEMP_PREFIX}*"
+        for leftover in folder.glob(pattern):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:

@@ -44,7 +44,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from registry.models import QuantChoice, QuantMetrics, QuantReport  # noqa: F401  (re-exported)
 from tasks.errors import KilnError
+from tasks.step import step
+from tasks.units import human_size, parse_size  # noqa: F401  (re-exported)
 from tasks.files import atomic_path, sha256_file
 
 if TYPE_CHECKING:
@@ -73,76 +76,6 @@ class ReportError(KilnError):
 
 class NoQuantFits(KilnError):
     """`--quant auto`: no measured quant type satisfies the requested bounds."""
-
-
-class QuantMetrics(BaseModel):
-    """One GGUF's row of the report. The reference row has KL 0 and top-1 agreement 1 by definition."""
-
-    quant: str
-    file: str
-    is_reference: bool = False
-    size_bytes: int = Field(description="file size on disk")
-    n_params: int
-    bits_per_weight: float = Field(description="tensor bytes × 8 / parameters, as llama.cpp prints BPW")
-    kl_mean: float = Field(description="mean KL(f16 ‖ this) per scored token of the evaluation text, nats")
-    kl_p99: float
-    kl_max: float
-    top1_agreement: float = Field(description="fraction of scored tokens whose argmax equals f16's")
-    ppl: float = Field(description="perplexity on the evaluation text (scored halves of the chunks)")
-    ppl_ratio: float = Field(description="PPL(this) / PPL(f16)")
-    chat_kl_mean: float | None = None
-    chat_top1_agreement: float | None = None
-    prompt_tps: float = Field(description="prompt processing tokens/s (batch n_ctx/2, no logits)")
-    gen_tps: float = Field(description="greedy generation tokens/s, one token a decode")
-    eval_seconds: float = Field(description="wall time spent measuring this file")
-    quantize_seconds: float | None = Field(default=None, description="time to quantize it, when measured")
-
-
-class QuantReport(BaseModel):
-    """Everything `measure_quants` measured; embedded in the manifest as is."""
-
-    schema_version: int = 1
-    reference: str = "f16"
-    eval_text: str
-    eval_text_sha256: str
-    n_ctx: int
-    n_chunks: int
-    scored_tokens: int
-    chat_prompts: int
-    chat_tokens: int
-    n_threads: int
-    load_average: float = Field(description="1-minute load average when the measurement started")
-    machine: str
-    llama_cpp_python: str
-    measure_seconds: float
-    quantize_seconds: float | None = Field(
-        default=None, description="total time spent quantizing candidates for `--quant auto`"
-    )
-    rows: list[QuantMetrics]
-
-    def row(self, quant: str) -> QuantMetrics:
-        for r in self.rows:
-            if r.quant == quant:
-                return r
-        raise KeyError(quant)
-
-    def by_size(self) -> list[QuantMetrics]:
-        """Rows largest first (the reference, usually, then best quality to smallest)."""
-        return sorted(self.rows, key=lambda r: (-r.size_bytes, r.kl_mean))
-
-
-class QuantChoice(BaseModel):
-    """What `--quant auto` picked, and why."""
-
-    quant: str
-    size_bytes: int
-    kl_mean: float
-    top1_agreement: float
-    reason: str
-    max_size_bytes: int | None = None
-    max_kl: float | None = None
-    considered: list[str]
-    rejected: dict[str, str] = Field(default_factory=dict, description="quant → why it was not chosen")
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -458,6 +391,7 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}"
 
 
+@step(name="report")
 def measure_quants(
     f16_path: Path,
     quant_paths: dict[str, Path],
@@ -630,28 +564,6 @@ def measure_candidates(
 
 
 # ----------------------------------------------------------------------------- advising
-
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """`500MB` → 500 000 000 bytes (KB/MB/GB are powers of 1000, KiB/MiB/GiB of 1024)."""
-    match = _SIZE.match(str(text))
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS:
-        raise KilnError(f"cannot read {text!r} as a size; write it like 500MB, 1.5GB or 800MiB")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def human_size(n: int | float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{int(n)} B"
-
 
 def choose_quant(report: QuantReport, max_size_bytes: int | None = None, max_kl: float | None = None
                  ) -> QuantChoice:

@@ -125,8 +125,11 @@ def ensure_converter_source(sdist: Path | None = None) -> Path:
     root = cache_dir() / "toolchain" / f"llama-cpp-python-{version}"
     stamp = root / _SOURCE_STAMP
     if stamp.is_file():
-        recorded = json.loads(stamp.read_text())
-        if recorded.get("tree_sha256") == tree_sha256(root):
+        try:
+            recorded = json.loads(stamp.read_text())
+        except ValueError:  # a damaged stamp: the tree cannot be trusted either
+            recorded = None
+        if isinstance(recorded, dict) and recorded.get("tree_sha256") == tree_sha256(root):
             return root
         # A tree edited or damaged since extraction is replaced, never trusted.
     with tempfile.TemporaryDirectory(prefix="kiln-sdist-") as tmp:

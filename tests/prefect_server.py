@@ -127,24 +127,33 @@ class PrefectServer:
                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
 
-    def start_worker(self, pool: str, timeout: float = 90) -> Worker:
-        log = self.home / f"worker-{pool}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                [*prefect_command(), "worker", "start", "--pool", pool, "--type", "process", "--name", f"{pool}-worker"],
-                env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, cwd=REPO_ROOT,
-            )
-        worker = Worker(pool=pool, proc=proc, log=log)
-        self.workers.append(worker)
+    def start_workers(self, *pools: str, timeout: float = 90) -> list[Worker]:
+        """One process worker a pool, started together; returns when every pool is READY."""
+        started = []
+        for pool in pools:
+            log = self.home / f"worker-{pool}.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(
+                    [*prefect_command(), "worker", "start", "--pool", pool, "--type", "process",
+                     "--name", f"{pool}-worker"],
+                    env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, cwd=REPO_ROOT,
+                )
+            worker = Worker(pool=pool, proc=proc, log=log)
+            self.workers.append(worker)
+            started.append(worker)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker for {pool} exited ({proc.returncode}):\n{tail(log)}")
-            if self.get(f"/work_pools/{pool}").get("status") == "READY":
-                return worker
+        waiting = list(started)
+        while waiting:
+            for worker in list(waiting):
+                if worker.proc.poll() is not None:
+                    raise RuntimeError(f"worker for {worker.pool} exited ({worker.proc.returncode}):\n{tail(worker.log)}")
+                if self.get(f"/work_pools/{worker.pool}").get("status") == "READY":
+                    waiting.remove(worker)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pools never became READY: {[w.pool for w in waiting]}\n" + self.diagnostics())
             time.sleep(0.5)
-        raise RuntimeError(f"the {pool} pool never became READY:\n{tail(log)}")
+        return started
 
     def stop(self) -> None:
         """Workers first, then the server; each by its own PID."""
