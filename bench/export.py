@@ -8,7 +8,9 @@
    (so it converts and quantizes for real), timed from outside.
 3. A trivial Prefect flow in a subprocess: the temporary-server start-up that any
    local Prefect run pays, reported separately.
-4. `kiln export` again: the up-to-date re-run.
+4. `kiln export` again with an empty cache against a Prefect server that is
+   already running (PREFECT_API_URL): what a user running many exports pays.
+5. `kiln export` again: the up-to-date re-run.
 
 Verification is left out of the comparison (the bare tools verify nothing); the
 manifest's per-step timings are printed so its cost is visible too.
@@ -65,7 +67,7 @@ def bare_tools(model: Path, quants: list[str], work: Path, converter: Path) -> d
 
 def kiln_export(model: Path, quants: list[str], out: Path, env: dict[str, str]) -> tuple[float, dict]:
     cmd = [str(Path(sys.executable).parent / "kiln"), "export", str(model), "--quant", ",".join(quants),
-           "--out", str(out), "--no-verify", "--json"]
+           "--out", str(out), "--no-verify", "--no-report", "--json"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -101,6 +103,15 @@ def main() -> None:
 
         rerun_wall, _ = kiln_export(model, quants, work / "out", env)
 
+        from tests.prefect_server import PrefectServer
+
+        server = PrefectServer.start(work / "server-home")
+        try:
+            served_env = {**env, "KILN_CACHE_DIR": str(work / "cache2"), "PREFECT_API_URL": server.api_url}
+            served_wall, served = kiln_export(model, quants, work / "out2", served_env)
+        finally:
+            server.stop()
+
     print(f"model: {model}")
     print("bare tools (s): " + ", ".join(f"{k} {v:.2f}" for k, v in bare.items()) + f"; total {bare_total:.2f}")
     print(f"kiln export, wall (s): {kiln_wall:.2f}; steps inside the flow: "
@@ -109,6 +120,9 @@ def main() -> None:
     print(f"ratio kiln/bare, whole command: {kiln_wall / bare_total:.2f}")
     print(f"ratio kiln/bare, without Prefect's start-up: {(kiln_wall - prefect_startup) / bare_total:.2f}")
     print(f"ratio kiln/bare, steps inside the flow: {manifest['timings']['total'] / bare_total:.2f}")
+    print(f"kiln export against a running Prefect server, wall (s): {served_wall:.2f}; steps: "
+          + ", ".join(f"{k} {v:g}" for k, v in served["timings"].items()))
+    print(f"ratio kiln/bare with a running server: {served_wall / bare_total:.2f}")
     print(f"up-to-date re-run, wall (s): {rerun_wall:.2f}")
 
 

@@ -16,7 +16,6 @@ base once.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +23,7 @@ import yaml
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from registry.models import ExportRequest
+from registry.models import ExportRequest, Manifest
 from tasks.errors import KilnError, SpecInvalid
 
 ITEM_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -256,30 +255,54 @@ def load_catalogue(path: str | Path, out_root: str | None = None, check: bool = 
 # ---------------------------------------------------------------- the flow
 
 
+def up_to_date(request: ExportRequest) -> Manifest | None:
+    """The item's manifest when its folder already holds exactly these outputs (hashes checked), else None.
+
+    Checked here, under the export's own folder lock, so an up-to-date item costs one pass of
+    hashing and no subflow run.
+    """
+    from filelock import FileLock
+
+    from flows.export import EXPORT_LOCK
+    from tasks.manifest import find_up_to_date
+
+    out_dir = Path(request.out_dir)
+    if not out_dir.is_dir():
+        return None
+    with FileLock(str(out_dir / EXPORT_LOCK)):
+        return find_up_to_date(request)[0]
+
+
 def run_item(item: CatalogueItem, force: bool) -> ItemOutcome:
-    """One item as an `export` subflow; its failure becomes a row, not an exception."""
+    """One item: nothing when up to date, else an `export` subflow; its failure becomes a row, not an exception."""
     from flows.export import export
 
     request = item.request
     row = dict(item=item.name, source=request.source, adapter=item.adapter or "", quants=", ".join(request.quants),
                out_dir=request.out_dir)
-    started = datetime.now(timezone.utc).replace(microsecond=0)
     t0 = time.perf_counter()
+    try:
+        current = None if force else up_to_date(request)
+    except KilnError:
+        current = None  # let the export itself say what is wrong
+    if current is not None:
+        return _row(row, "up to date", current, time.perf_counter() - t0)
     state = export.with_options(flow_run_name=item.name)(request, force=force, return_state=True)
-    seconds = round(time.perf_counter() - t0, 2)
+    seconds = time.perf_counter() - t0
     if not state.is_completed():
         message = state.message or state.name
         try:
             state.result()
         except Exception as exc:  # the item's own error, e.g. a KilnError with its reason
             message = str(exc) or message
-        return ItemOutcome(**row, status="failed", seconds=seconds, detail=message)
-    manifest = state.result()
+        return ItemOutcome(**row, status="failed", seconds=round(seconds, 2), detail=message)
+    return _row(row, "completed", state.result(), seconds)
+
+
+def _row(row: dict[str, Any], status: str, manifest: Manifest, seconds: float) -> ItemOutcome:
     ggufs = [o for o in manifest.outputs if o.path.endswith(".gguf")]
-    # A manifest older than this item's start was found up to date, not written now.
-    written = datetime.fromisoformat(manifest.created_at) >= started
-    return ItemOutcome(**row, status="completed" if written else "up to date", files=len(manifest.outputs),
-                       size_mb=round(sum(o.size for o in ggufs) / 1e6, 1), seconds=seconds,
+    return ItemOutcome(**row, status=status, files=len(manifest.outputs),  # type: ignore[arg-type]
+                       size_mb=round(sum(o.size for o in ggufs) / 1e6, 1), seconds=round(seconds, 2),
                        detail=f"{len(ggufs)} GGUF, manifest of {manifest.created_at}")
 
 

@@ -6,6 +6,7 @@ Each entry is one YAML file in `registry/bases/`, named after its key.
 from __future__ import annotations
 
 import difflib
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,16 @@ def _field_names(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[st
     return sorted(model.model_fields) if model is not None else []
 
 
+def format_loc(loc: tuple[Any, ...]) -> str:
+    """`field.sub.0`; a key that is not a plain name is quoted, so the line stays one line."""
+    parts = [str(p) if isinstance(p, int) or (isinstance(p, str) and _PLAIN_KEY.fullmatch(p)) else repr(p)
+             for p in loc]
+    return ".".join(parts) or "(root)"
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -117,7 +128,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel] | None 
     parts = []
     for err in exc.errors():
         loc = tuple(err["loc"])
-        where = ".".join(str(p) for p in loc) or "(root)"
+        where = format_loc(loc)
         kind = err["type"]
         if kind == "extra_forbidden":
             allowed = _field_names(model, loc)
@@ -131,7 +142,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel] | None 
             message = _PATTERN_WORDS.get(str((err.get("ctx") or {}).get("pattern")), message)
         if kind not in ("missing", "value_error", "assertion_error") and "input" in err:
             message += f" (got {_shown(err['input'])})"
-        parts.append(f"{where}: {message}")
+        parts.append(f"{where}: {' '.join(message.split())}")
     return "; ".join(parts)
 
 

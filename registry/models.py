@@ -51,6 +51,14 @@ class ExportRequest(BaseModel):
     trust_remote_code: bool = Field(False, description="Allow a model whose config asks for custom code (not registry keys: their spec decides).")
     dialect: str | None = Field(None, description="Chat-template dialect for the Modelfile when the model's own template is not recognised.")
     ollama_name: str | None = Field(None, description="Register the outputs with Ollama under this name (tag = quant type unless given).")
+    adapter: str | None = Field(None, description="A PEFT LoRA adapter folder to apply to the base.")
+    adapter_mode: Literal["merge", "adapter", "peft"] = Field(
+        "merge",
+        description=(
+            "merge: fold the adapter into the base GGUF tensor by tensor (streaming); adapter: ship a GGUF LoRA "
+            "with an ADAPTER line; peft: the transformers+peft reference merge."
+        ),
+    )
     report: bool = Field(True, description="Measure each quant type against f16: KL divergence, top-1, perplexity, speed.")
     max_size: str | None = Field(None, description="With quants [auto]: the largest acceptable file, e.g. 500MB.")
     max_kl: float | None = Field(None, gt=0, description="With quants [auto]: the largest acceptable mean KL divergence from f16.")

@@ -53,7 +53,8 @@ def run_converter(
     toolchain: Toolchain,
     on_line: Callable[[str], None] | None = None,
 ) -> None:
-    """Run one of the tree's converter scripts; raise `ConversionFailed` with its cause, not a traceback dump."""
+    """Run one of the tree's converter scripts; raise `ConversionFailed` with its cause, not a traceback dump,
+    or `NotEnoughDisk` (the file, the bytes written, the writer's total) when its disk filled up."""
     root = Path(toolchain.converter_dir)
     cmd = [sys.executable, str(root / script), *args]
     tail: deque[str] = deque(maxlen=40)

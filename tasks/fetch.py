@@ -140,7 +140,10 @@ def parse_source(
     if source.startswith("hf:"):
         return _parse_hf(source, resolve_revision=resolve_revision, allow_pickle=allow_pickle,
                          trust_remote_code=trust_remote_code, gguf_file=gguf_file)
-    path = Path(source).expanduser()
+    try:
+        path = Path(source).expanduser()
+    except RuntimeError:  # `~name/...` for a user this machine does not have
+        raise SourceInvalid(f"{source}: no such folder or file (no home folder for {source.split('/')[0]!r})") from None
     if path.exists():
         _no_pattern(gguf_file, source)
         resolved = path.resolve()

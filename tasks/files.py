@@ -120,6 +120,10 @@ def atomic_path(final: Path, *, step: str | None = None, need: int | None = None
         # mkstemp creates 0600; outputs are meant to be read by others (Ollama, workers).
         os.chmod(tmp, 0o644)
         os.replace(tmp, final)
+        # rename(2) does nothing when both names are hard links to one file (an output
+        # placed again from the cache entry it already is): the temporary name stays.
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     except BaseException as exc:
         written = _written(tmp)
         with contextlib.suppress(FileNotFoundError):

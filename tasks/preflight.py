@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from registry.models import Check, ExportRequest
+from tasks.adapter import AdapterInfo
 from registry.spec import BaseModelSpec
 from tasks.convert import run_converter
 from tasks.errors import (
@@ -76,6 +77,7 @@ class PreflightReport(BaseModel):
     estimated_bytes: int
     checks: list[Check]
     chat: DialectChoice | None = None
+    adapter: AdapterInfo | None = None
 
 
 def choose_dialect(template_source: Path, wanted: str | None) -> DialectChoice | None:
@@ -305,8 +307,16 @@ def run_preflight(
         checks.append(Check(name="spec matches converter", target=ref.spec.key, passed=True,
                             detail=f"gguf_arch={ref.spec.gguf_arch}, tokenizer_pre={ref.spec.tokenizer_pre}"))
     checks.append(_chat_check(chat))
+    adapter = None
+    if request.adapter:
+        from tasks.adapter import validate_adapter
+
+        adapter = validate_adapter(Path(request.adapter), metadata_folder, ref.spec, request.adapter_mode)
+        checks.append(Check(name="adapter", target=Path(request.adapter).name, passed=True,
+                            detail=f"rank {adapter.rank}, alpha {adapter.alpha:g}, {adapter.adapted_weights} weights "
+                                   f"over {', '.join(adapter.target_modules)}; mode {request.adapter_mode}"))
     return PreflightReport(architecture=architecture, probe=probe, params=params, estimated_bytes=need,
-                           checks=checks, chat=chat)
+                           checks=checks, chat=chat, adapter=adapter)
 
 
 def _chat_check(chat: DialectChoice | None) -> Check:
@@ -328,6 +338,8 @@ def gguf_file_type(path: Path) -> str:
 
 def _preflight_gguf(path: Path, request: ExportRequest, chat: DialectChoice | None) -> PreflightReport:
     """A prebuilt GGUF skips conversion: check what it says about itself and what requantizing it costs."""
+    if request.adapter:
+        raise SourceInvalid("a LoRA adapter needs the base as a Hugging Face folder, not a prebuilt GGUF")
     probe = read_gguf_probe(path)
     label = gguf_file_type(path)
     params = int(path.stat().st_size * 8 / BITS_PER_WEIGHT.get(label, 8.0))

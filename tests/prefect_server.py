@@ -9,6 +9,7 @@ settings are left alone.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -154,6 +155,19 @@ class PrefectServer:
                 raise RuntimeError(f"pools never became READY: {[w.pool for w in waiting]}\n" + self.diagnostics())
             time.sleep(0.5)
         return started
+
+    def run_python(self, code: str, *args: str, timeout: float = 300) -> Any:
+        """Run `code` in a fresh interpreter against this server; it prints one `RESULT <json>` line.
+
+        Flows run in a subprocess, not in the test process: a process whose flows talked to a
+        server that has since stopped spends its exit retrying to send logs and events there.
+        """
+        proc = subprocess.run([sys.executable, "-c", code, *args], env=self.env, cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=timeout)
+        line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            raise AssertionError(f"python child failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return json.loads(line.removeprefix("RESULT "))
 
     def stop(self) -> None:
         """Workers first, then the server; each by its own PID."""

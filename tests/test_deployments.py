@@ -4,8 +4,8 @@ The first tests need no server: the deployment file, the UI form, the catalogue'
 the cache keys, the memory budget. The rest start `prefect server start` (SQLite in a
 temporary PREFECT_HOME), create the `cpu` and `gpu` pools and the `gpu` concurrency limit,
 deploy with `prefect deploy --all`, start one process worker a pool, and trigger runs through
-the REST API as the UI does. Small work: the demo model, q8_0, verification off (these tests are
-about orchestration; the export tests check the files themselves). Server and workers share
+the REST API as the UI does. Small work: the demo model, q8_0, verification and the quality report off
+(these tests are about orchestration; the export tests check the files themselves). Server and workers share
 the session's KILN_CACHE_DIR, so the demo folder and its f16 conversion are built once.
 """
 
@@ -124,6 +124,8 @@ def test_quantizations_in_parallel_stay_within_the_memory_budget(monkeypatch):
     assert quant_parallelism(4, per_job, budget=12 << 30) == (2, 8)
     assert quant_parallelism(4, per_job, budget=64 << 30) == (4, 4)
     assert quant_parallelism(4, per_job, budget=1 << 30) == (1, 16)  # at least one, always
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert quant_parallelism(4, 1 << 20, budget=64 << 30) == (1, 2)  # two cores: one job with both threads
 
 
 def test_prefect_cache_keys_follow_content_not_folders(toolchain):
@@ -193,6 +195,16 @@ def _tasks_by_kind(server: PrefectServer, flow_run_ids: list[str], expect: int, 
         time.sleep(1)
 
 
+def _logs(server: PrefectServer, flow_run_id: str, wanted: str, timeout: float = 20) -> str:
+    """A flow run's logs, once `wanted` has arrived (logs reach the server in batches)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = server.logs(flow_run_id)
+        if wanted in logs or time.monotonic() > deadline:
+            return logs
+        time.sleep(1)
+
+
 def test_export_triggered_through_the_api_runs_its_heavy_part_on_the_gpu_worker(prefect_server, tmp_path):
     from registry.models import Manifest
     from tasks.manifest import outputs_intact
@@ -200,7 +212,7 @@ def test_export_triggered_through_the_api_runs_its_heavy_part_on_the_gpu_worker(
     server = prefect_server
     out = tmp_path / "export"
     run_id = server.run_deployment("export/export", {"request": {
-        "source": "demo", "quants": ["q8_0"], "verify": False, "out_dir": str(out), "placement": "gpu",
+        "source": "demo", "quants": ["q8_0"], "verify": False, "report": False, "out_dir": str(out), "placement": "gpu",
     }})
     run = server.wait(run_id, timeout=400)
     assert run["state"]["type"] == "COMPLETED", server.logs(run_id) + server.diagnostics()
@@ -212,8 +224,7 @@ def test_export_triggered_through_the_api_runs_its_heavy_part_on_the_gpu_worker(
     gpu_log, cpu_log = (next(w for w in server.workers if w.pool == p).log_text() for p in ("gpu", "cpu"))
     assert child["id"] in gpu_log and child["id"] not in cpu_log
     assert run_id in cpu_log and run_id not in gpu_log
-    child_logs = server.logs(child["id"])
-    assert "accelerators on this worker" in child_logs
+    assert "accelerators on this worker" in _logs(server, child["id"], "accelerators on this worker")
 
     manifest = Manifest.model_validate_json((out / "manifest.json").read_text())
     assert manifest.request.placement == "gpu"
@@ -239,7 +250,7 @@ def test_batch_twice_the_second_run_converts_nothing(prefect_server, tmp_path):
     catalogue = tmp_path / "catalogue.yaml"
     catalogue.write_text(yaml.safe_dump({
         "out_root": str(tmp_path / "out"),
-        "defaults": {"quants": ["q8_0"], "verify": False},
+        "defaults": {"quants": ["q8_0"], "verify": False, "options": {"report": False}},
         "bases": [{"source": "demo", "name": "first"}, {"source": "demo", "name": "second"}],
     }))
 
@@ -260,12 +271,11 @@ def test_batch_twice_the_second_run_converts_nothing(prefect_server, tmp_path):
     kinds = _tasks_by_kind(server, items, expect=4)
     assert kinds == {"convert": ["Cached", "Cached"], "quantize": ["Cached", "Cached"]}
 
-    # And identical: the folders are up to date, so no conversion task runs at all.
+    # And identical: the folders are up to date (hashes checked), so no export runs, no task at all.
     third, rows = _batch(server, catalogue)
     assert third["state"]["type"] == "COMPLETED"
     assert [r["status"] for r in rows] == ["up to date", "up to date"]
-    items = [c["id"] for c in server.child_flow_runs(third["id"])]
-    assert _tasks_by_kind(server, items, expect=0, timeout=0) == {"convert": [], "quantize": []}
+    assert server.child_flow_runs(third["id"]) == []
 
 
 def test_a_failed_batch_item_does_not_stop_the_others(prefect_server, tmp_path):
@@ -276,12 +286,79 @@ def test_a_failed_batch_item_does_not_stop_the_others(prefect_server, tmp_path):
     catalogue = tmp_path / "catalogue.yaml"
     catalogue.write_text(yaml.safe_dump({
         "out_root": str(tmp_path / "out"),
-        "defaults": {"quants": ["q8_0"], "verify": False},
+        "defaults": {"quants": ["q8_0"], "verify": False, "options": {"report": False}},
         "bases": [{"source": str(broken), "name": "broken"}, {"source": "demo", "name": "fine"}],
     }))
     run, rows = _batch(server, catalogue)
     assert run["state"]["type"] == "FAILED"
     assert "1 of 2 item(s) failed: broken" in run["state"]["message"]
     assert [(r["item"], r["status"]) for r in rows] == [("broken", "failed"), ("fine", "completed")]
-    assert rows[0]["detail"]; print("ROWS", rows)
+    assert "convert_hf_to_gguf.py failed" in rows[0]["detail"]
     assert (tmp_path / "out" / "fine" / "manifest.json").is_file()
+
+
+GPU_JOBS = r"""
+import json, threading, time
+from prefect import flow
+from flows.convert_quantize import gpu_slot
+spans = {}
+@flow(name="gpu-slot-probe")
+def job(name: str, hold: float) -> None:
+    with gpu_slot("gpu"):
+        start = time.monotonic()
+        time.sleep(hold)
+        spans[name] = (start, time.monotonic())
+import httpx, os
+first = threading.Thread(target=job, args=("first", 4.0))
+first.start()
+deadline = time.monotonic() + 60
+limit = os.environ["PREFECT_API_URL"] + "/v2/concurrency_limits/tag:gpu"
+while httpx.get(limit).json()["active_slots"] < 1:  # the first job holds the GPU
+    assert first.is_alive() and time.monotonic() < deadline, "the first job never took the gpu slot"
+    time.sleep(0.2)
+job("second", 0.0)
+first.join()
+print("RESULT " + json.dumps(spans))
+"""
+
+
+def test_gpu_jobs_take_turns_under_the_gpu_tag_limit(prefect_server):
+    """`prefect concurrency-limit create gpu 1` (made by the fixture): a second GPU job waits for the first."""
+    spans = prefect_server.run_python(GPU_JOBS)
+    assert spans["second"][0] >= spans["first"][1] - 0.05, spans
+
+
+CACHE_GONE = r"""
+import json, sys
+from pathlib import Path
+from prefect import flow
+from prefect.context import FlowRunContext
+from flows.convert_quantize import convert_and_quantize
+from registry.models import ExportRequest
+from tasks.fetch import fetch_source, locate_metadata, source_ref
+from tasks.toolchain import current_toolchain
+
+request = ExportRequest(source="demo", quants=["q4_0"], verify=False, out_dir=sys.argv[1])
+ref = source_ref(request)
+source = fetch_source(ref, *locate_metadata(ref))
+run_ids = []
+
+@flow(name="cache-probe")
+def heavy():
+    run_ids.append(str(FlowRunContext.get().flow_run.id))
+    return convert_and_quantize(source, request, current_toolchain())
+
+q4 = heavy()["q4_0"]
+existed = q4.is_file()
+q4.unlink()  # someone cleaned the Kiln cache; Prefect's record still points here
+again = heavy()["q4_0"]
+print("RESULT " + json.dumps({"runs": run_ids, "existed": existed, "same": again == q4, "rebuilt": q4.is_file()}))
+"""
+
+
+def test_a_cached_result_whose_file_is_gone_is_built_again(prefect_server, tmp_path):
+    """Prefect's record says Cached, but the GGUF it points at was deleted: the task runs again."""
+    result = prefect_server.run_python(CACHE_GONE, str(tmp_path / "out"))
+    assert result["existed"] and result["same"] and result["rebuilt"], result
+    logs = _logs(prefect_server, result["runs"][1], "quantizing again")
+    assert "is gone or changed since stamped; quantizing again" in logs

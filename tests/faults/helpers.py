@@ -23,6 +23,8 @@ from tests.kiln_cli import kiln_executable
 
 DEMO_STEM = "smollm2-135m-instruct"
 DEMO_QUANTS = ("f16", "q8_0", "q4_k_m")
+# Checks that are not the point of a fault test and cost a minute on a 2-core machine.
+FAST = ("--no-verify", "--no-report")
 
 
 def private_cache(session_cache: Path, root: Path) -> Path:
@@ -138,11 +140,20 @@ def growing_temporary(folder: Path, variant: str) -> Callable[[], Path | None]:
     return probe
 
 
-def entry(cache: Path, variant: str) -> Path | None:
-    """The final cache entry for `variant` (f16, q8_0, ...), if there is one."""
-    hits = [p for p in (cache / "gguf").glob(f"*-{variant}-*.gguf") if not p.name.startswith(TEMP_PREFIX)]
-    assert len(hits) <= 1, hits
-    return hits[0] if hits else None
+def demo_entry_name(manifest: dict, variant: str) -> str:
+    """The cache entry name of the demo's `variant` GGUF, from an export's manifest (as gguf_cache_path names it)."""
+    from registry.models import SourceFile
+    from tasks.manifest import content_key
+    from tasks.toolchain import Toolchain
+
+    key = content_key([SourceFile(**f) for f in manifest["source"]["files"]])
+    return f"{key}-{variant}-{Toolchain(**manifest['toolchain']).cache_key}.gguf"
+
+
+def entry(cache: Path, name: str) -> Path | None:
+    """The final cache entry `name` under `cache`/gguf, if it is there."""
+    path = cache / "gguf" / name
+    return path if path.is_file() else None
 
 
 def entry_is_complete(path: Path) -> bool:

@@ -1,6 +1,6 @@
 """Exports of the same request at once, and locks left behind by a killed holder.
 
-Three `kiln demo --no-verify` processes start together on a private cache, so the f16
+Three `kiln demo --no-verify --no-report` processes start together on a private cache, so the f16
 conversion really runs: A and B write the same folder, C another one. A watcher samples the
 identity (inode, mtime, size) of every file under a final name in both folders and the cache
 every few milliseconds: a file written twice would show two identities.
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.helpers import (
+    FAST,
     Identity,
     Kiln,
     cli_env,
@@ -59,7 +60,7 @@ class Watcher(threading.Thread):
 
 
 @pytest.fixture(scope="module")
-def concurrent_scenario(prefect_api, kiln_cache, tmp_path_factory) -> dict:
+def concurrent_scenario(prefect_api, reference_export, kiln_cache, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("concurrent")
     cache = private_cache(kiln_cache, root / "cache")
     env = cli_env(prefect_api.env, cache, root / "prefect-home")
@@ -67,9 +68,9 @@ def concurrent_scenario(prefect_api, kiln_cache, tmp_path_factory) -> dict:
     watcher = Watcher(shared, other, cache / "gguf")
     watcher.start()
     runs = {
-        "A": Kiln(["demo", "--out", str(shared), "--no-verify"], env, root / "logs", "A"),
-        "B": Kiln(["demo", "--out", str(shared), "--no-verify"], env, root / "logs", "B"),
-        "C": Kiln(["demo", "--out", str(other), "--no-verify"], env, root / "logs", "C"),
+        "A": Kiln(["demo", "--out", str(shared), *FAST], env, root / "logs", "A"),
+        "B": Kiln(["demo", "--out", str(shared), *FAST], env, root / "logs", "B"),
+        "C": Kiln(["demo", "--out", str(other), *FAST], env, root / "logs", "C"),
     }
     try:
         codes = {name: run.wait() for name, run in runs.items()}

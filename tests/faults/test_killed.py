@@ -1,7 +1,7 @@
 """SIGKILL mid-step: nothing half-written under a final name, and the next run resumes.
 
 One scenario on a private cache (so conversion and quantization really run), three runs of
-`kiln demo --no-verify` into one folder:
+`kiln demo --no-verify --no-report` into one folder:
 
 1. killed while the converter writes the f16 GGUF (its temporary in KILN_CACHE_DIR/gguf has
    bytes): the whole process group, so the converter subprocess dies with the CLI;
@@ -19,16 +19,15 @@ A merge mode for LoRA adapters is built elsewhere; "killed during a merge" is no
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from tests.faults.helpers import (
+    FAST,
     DEMO_QUANTS,
     Identity,
     Kiln,
     cli_env,
-    entry,
     entry_is_complete,
     final_files,
     growing_temporary,
@@ -48,7 +47,7 @@ def killed_scenario(prefect_api, reference_export, kiln_cache, tmp_path_factory)
     cache = private_cache(kiln_cache, root / "cache")
     gguf, out = cache / "gguf", root / "out"
     env = cli_env(prefect_api.env, cache, root / "prefect-home")
-    args = ["demo", "--out", str(out), "--no-verify"]
+    args = ["demo", "--out", str(out), *FAST]
     seen: dict = {}
 
     # 1. Killed during conversion: the converter is writing the f16 GGUF.
@@ -63,7 +62,7 @@ def killed_scenario(prefect_api, reference_export, kiln_cache, tmp_path_factory)
     seen["convert: cache lock free"] = not lock_is_held(f16_lock)
     seen["convert: cache"] = sorted(p.name for p in gguf.iterdir())
     seen["convert: temporaries"] = temporaries(gguf)
-    seen["convert: f16 entry"] = entry(cache, "f16")
+    seen["convert: f16 entry"] = reference_export.entry(cache, "f16")
     seen["convert: out"] = sorted(final_files(out))
 
     # 2. Killed during quantization: the f16 entry is complete, a quantization is being written.
@@ -74,10 +73,10 @@ def killed_scenario(prefect_api, reference_export, kiln_cache, tmp_path_factory)
     run.kill()
     seen["quantize: group gone"] = run.group_gone()
     seen["quantize: second run stderr"] = run.stderr
-    f16 = entry(cache, "f16")
+    f16 = reference_export.entry(cache, "f16")
     assert f16 is not None, "the second run never completed the f16 conversion"
     seen["quantize: f16"] = (f16, Identity.of(f16), entry_is_complete(f16))
-    seen["quantize: quant entries"] = {q: entry(cache, q) for q in DEMO_QUANTS[1:]}
+    seen["quantize: quant entries"] = {q: reference_export.entry(cache, q) for q in DEMO_QUANTS[1:]}
     seen["quantize: complete quant entries"] = {
         q: Identity.of(p) for q, p in seen["quantize: quant entries"].items() if p and entry_is_complete(p)}
     seen["quantize: temporaries"] = temporaries(gguf)
@@ -88,7 +87,7 @@ def killed_scenario(prefect_api, reference_export, kiln_cache, tmp_path_factory)
     seen["rerun: rc"] = run.wait()
     seen["rerun"] = run
     seen["rerun: f16"] = Identity.of(f16)
-    seen["rerun: quant entries"] = {q: Identity.of(entry(cache, q)) for q in seen["quantize: complete quant entries"]}
+    seen["rerun: quant entries"] = {q: Identity.of(reference_export.entry(cache, q)) for q in seen["quantize: complete quant entries"]}
     seen["rerun: temporaries"] = temporaries(cache, out)
     seen["out"], seen["cache"] = out, cache
     return seen
@@ -146,3 +145,20 @@ def test_the_rerun_leaves_no_temporaries_and_matches_an_uninterrupted_run(killed
         {o["path"]: o["sha256"] for o in reference_export.manifest["outputs"]}
     assert manifest["request_key"] == reference_export.manifest["request_key"]
     assert json.loads((seen["out"] / "manifest.json").read_text()) == manifest
+
+
+def test_placing_an_output_that_already_is_the_cache_entry_leaves_no_temporary(tmp_path):
+    """rename(2) of one hard link onto another of the same file does nothing: the temporary must still go.
+
+    (A re-run into a folder whose outputs were placed before the kill, e.g. one killed while registering.)
+    """
+    from tasks.convert import place_output
+
+    cached = tmp_path / "cache" / "entry.gguf"
+    cached.parent.mkdir()
+    cached.write_bytes(b"GGUF" + b"\0" * 64)
+    final = tmp_path / "out" / "model-f16.gguf"
+    place_output(cached, final)
+    place_output(cached, final)
+    assert sorted(p.name for p in final.parent.iterdir()) == ["model-f16.gguf"]
+    assert final.stat().st_ino == cached.stat().st_ino
