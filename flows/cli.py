@@ -127,6 +127,11 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--max-kl", type=float, help="With --quant auto: the largest acceptable mean KL divergence from f16.")
 @export_options
 @fail_cleanly
+@click.option("--placement", type=click.Choice(["local", "cpu", "gpu"]), default="local", show_default=True,
+              help="Where conversion and quantization run: here, or the cpu/gpu work pool's workers.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), help="A PEFT LoRA adapter folder to apply.")
+@click.option("--adapter-mode", type=click.Choice(["merge", "adapter", "peft"]), default="merge", show_default=True,
+              help="merge: streamed into the base GGUF; adapter: a GGUF LoRA with an ADAPTER line; peft: reference merge.")
 @click.option("--resolve-revision", is_flag=True, help="Resolve a Hub branch or tag to its commit once, and record it.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickled *.bin/*.pt weights. Dangerous: unpickling can run arbitrary code.")
@@ -134,7 +139,8 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def export_command(source: str, quants: str, out_dir: Path | None, outtype: str | None, name: str | None,
                    no_verify: bool, accept_license: bool, force: bool, dialect: str | None, no_report: bool,
                    ollama_name: str | None, as_json: bool, resolve_revision: bool, allow_pickle: bool,
-                   trust_remote_code: bool, max_size: str | None, max_kl: float | None) -> None:
+                   trust_remote_code: bool, max_size: str | None, max_kl: float | None, placement: str,
+                   adapter: str | None, adapter_mode: str) -> None:
     """Export SOURCE to GGUF: a registry key, a local Hugging Face folder or GGUF file,
     hf:ORG/NAME@SHA, hf:ORG/NAME@SHA#PATTERN.gguf (a prebuilt GGUF), or `demo`."""
     request = build_request(
@@ -142,6 +148,7 @@ def export_command(source: str, quants: str, out_dir: Path | None, outtype: str 
         outtype=outtype, name=name, verify=not no_verify, accept_license=accept_license, dialect=dialect,
         ollama_name=ollama_name, resolve_revision=resolve_revision, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, report=not no_report, max_size=max_size, max_kl=max_kl,
+        placement=placement, adapter=adapter, adapter_mode=adapter_mode,
     )
     run_export_command(request, as_json, force)
 
@@ -159,6 +166,28 @@ def demo_command(out_dir: Path | None, outtype: str | None, name: str | None, no
         report=not no_report,
     )
     run_export_command(request, as_json, force)
+
+
+@cli.command("batch")
+@click.argument("catalogue", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out-root", help="Folder each item's outputs go under (<out-root>/<item>/); overrides the catalogue.")
+@click.option("--check", is_flag=True, help="Validate the catalogue and list its items; export nothing.")
+@click.option("--force", is_flag=True, help="Export items again even when their folders are up to date.")
+@fail_cleanly
+def batch_command(catalogue: Path, out_root: str | None, check: bool, force: bool) -> None:
+    """Export every item of a catalogue (bases × adapters × quant types); a failed item does not stop the others."""
+    from flows.batch import load_catalogue
+
+    items = load_catalogue(catalogue, out_root)
+    for item in items:
+        console.print(f"{item.name}: {item.request.source} → {item.request.out_dir} ({', '.join(item.request.quants)})",
+                      highlight=False)
+    if check:
+        console.print(f"[green]✓[/] {len(items)} catalogue items valid")
+        return
+    from flows.batch import batch_export
+
+    batch_export(str(catalogue), out_root, force)
 
 
 @cli.command("report")

@@ -39,6 +39,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from registry.models import ExportRequest, ResolvedSource
+from tasks.adapter import AdapterInfo, apply_adapter
 from tasks.convert import convert_to_gguf, gguf_cache_path
 from tasks.errors import KilnError, ToolchainError
 from tasks.manifest import content_key
@@ -200,9 +201,14 @@ def convert_and_quantize(
     source: ResolvedSource,
     request: ExportRequest,
     toolchain: Toolchain,
+    adapter: AdapterInfo | None = None,
     parallel: int | None = None,
 ) -> dict[str, Path]:
-    """The heavy part: one cached float conversion, then every quant type from it. Returns cache paths."""
+    """The heavy part: one cached float conversion, the adapter applied (merge/peft), then every quant type.
+
+    Returns cache paths, the float GGUF first. In adapter mode the base is quantized as is
+    (the GGUF LoRA ships beside it); in merge/peft mode the merged float GGUF is.
+    """
     from tasks.preflight import gguf_file_type
 
     logger = get_run_logger()
@@ -223,6 +229,14 @@ def convert_and_quantize(
             base, reused = state.result()
         how = "cached (Prefect)" if _was_cached(state) else "reused from disk cache" if reused else "converted"
         logger.info("base %s GGUF %s: %s", base_label, how, base.name)
+    if adapter is not None and request.adapter_mode != "adapter":
+        applied = apply_adapter.task(adapter, request.adapter_mode, base_dir=Path(source.path), base_gguf=base,
+                                     base_key=key, toolchain=toolchain, outtype=request.outtype)
+        logger.info("adapter %s (%s): %s", adapter.sha256[:12], request.adapter_mode,
+                    "reused" if applied.reused else f"applied in {applied.seconds:g} s")
+        base = Path(applied.gguf)
+        # Quantizations of a merged model are cache entries of their own.
+        key = f"{key}-{adapter.sha256[:16]}"
     results = {base_label: base}
 
     todo = [q for q in request.quants if q != base_label]
@@ -325,7 +339,8 @@ def _run_name() -> str:
 
 
 @flow(name=FLOW_NAME, persist_result=True, flow_run_name=_run_name)
-def convert_quantize(source: ResolvedSource, request: ExportRequest, toolchain_key: str | None = None) -> dict[str, str]:
+def convert_quantize(source: ResolvedSource, request: ExportRequest, toolchain_key: str | None = None,
+                     adapter: AdapterInfo | None = None) -> dict[str, str]:
     """Convert the base to a float GGUF (cached) and make every quant type from it; returns quant → GGUF path.
 
     Started by the export flow for `placement: cpu | gpu`; the paths are in this worker's
@@ -344,7 +359,7 @@ def convert_quantize(source: ResolvedSource, request: ExportRequest, toolchain_k
                     ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in accelerators().items()))
     source = ensure_local_source(source, request)
     with gpu_slot(request.placement):
-        paths = convert_and_quantize(source, request, toolchain)
+        paths = convert_and_quantize(source, request, toolchain, adapter)
     return {quant: str(path) for quant, path in paths.items()}
 
 
@@ -373,10 +388,11 @@ def _check_pool(pool: str) -> None:
         )
 
 
-def run_placed(source: ResolvedSource, request: ExportRequest, toolchain: Toolchain) -> dict[str, Path]:
+def run_placed(source: ResolvedSource, request: ExportRequest, toolchain: Toolchain,
+               adapter: AdapterInfo | None = None) -> dict[str, Path]:
     """Conversion and quantization where the request says: inline, or on a `cpu`/`gpu` worker and wait."""
     if request.placement == "local":
-        return convert_and_quantize(source, request, toolchain)
+        return convert_and_quantize(source, request, toolchain, adapter)
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
@@ -389,7 +405,8 @@ def run_placed(source: ResolvedSource, request: ExportRequest, toolchain: Toolch
         child = run_deployment(
             name,
             parameters={"source": source.model_dump(mode="json"), "request": request.model_dump(mode="json"),
-                        "toolchain_key": toolchain.cache_key},
+                        "toolchain_key": toolchain.cache_key,
+                        "adapter": adapter.model_dump(mode="json") if adapter else None},
             timeout=None,
             poll_interval=POLL_SECONDS,
         )

@@ -6,7 +6,6 @@ The re-run check (`tasks.manifest.find_up_to_date`) runs in the CLI before this 
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -24,15 +23,22 @@ from registry.models import (
     QuantReport,
     ResolvedSource,
 )
-from tasks.convert import gguf_cache_path, place_output
+from flows.convert_quantize import run_placed
+from tasks.convert import place_output
+from tasks.adapter import AdapterInfo
 from tasks.fetch import SourceRef, display_name, source_ref
 from tasks.files import remove_stale_temporaries, safe_child, sha256_file
-from tasks.manifest import KILN_VERSION, content_key, find_up_to_date, now_iso, request_key, write_manifest
-
-EXPORT_LOCK = ".kiln-export.lock"
+from tasks.manifest import (
+    KILN_VERSION,
+    find_up_to_date,
+    inputs_beyond_source,
+    now_iso,
+    request_key,
+    write_manifest,
+)
 from tasks.toolchain import Toolchain, current_toolchain
 
-from flows.convert_quantize import convert_and_quantize, run_placed  # noqa: F401  (convert_and_quantize: moved)
+EXPORT_LOCK = ".kiln-export.lock"
 
 
 def output_name(stem: str, quant: str) -> str:
@@ -69,9 +75,9 @@ def run_export(request: ExportRequest) -> Manifest:
     asked = request  # what the manifest records; `request` below may carry the type `auto` chose
     choice = None
     if request.quants == ["auto"]:
-        request, choice, auto_report = choose_quant_by_measuring(source, request, toolchain)
+        request, choice, auto_report = choose_quant_by_measuring(source, request, toolchain, report.adapter)
     # placement: inline here, or the convert-quantize deployment on a cpu/gpu worker (flows/convert_quantize.py).
-    cached = run_placed(source, request, toolchain)
+    cached = run_placed(source, request, toolchain, report.adapter)
     lap("convert_quantize", t0)
     float_label = next(iter(cached))
 
@@ -100,11 +106,20 @@ def run_export(request: ExportRequest) -> Manifest:
         final = safe_child(out_dir, output_name(stem, quant))
         place_output(cached[quant], final)
         placed[quant] = final.name
+    lora_name = None
+    if report.adapter is not None and request.adapter_mode == "adapter":
+        from tasks.adapter import convert_adapter_to_gguf
+
+        lora_gguf, _ = convert_adapter_to_gguf(Path(request.adapter), Path(source.path), toolchain, info=report.adapter)
+        lora_name = safe_child(out_dir, f"{stem}-lora.gguf").name
+        place_output(lora_gguf, out_dir / lora_name)
     ollama = None
     if report.chat is not None:
         ollama = write_modelfiles.task(out_dir, placed, report.chat.dialect, report.chat.verified, report.chat.system,
-                                       licence_line(ref), request.ollama_name)
+                                       licence_line(ref), request.ollama_name, lora_name)
     outputs = [record_output(out_dir, name, quant) for quant, name in placed.items()]
+    if lora_name is not None:
+        outputs.append(record_output(out_dir, lora_name, "lora"))
     if quant_report is not None:
         write_report_files(quant_report, out_dir, choice)
     if ollama is not None:
@@ -120,7 +135,7 @@ def run_export(request: ExportRequest) -> Manifest:
     manifest = Manifest(
         kiln_version=KILN_VERSION,
         request=asked,
-        request_key=request_key(asked, source.files, toolchain),
+        request_key=request_key(asked, source.files, toolchain, inputs_beyond_source(asked)),
         source=source,
         toolchain=toolchain,
         outputs=outputs,
@@ -137,7 +152,7 @@ def run_export(request: ExportRequest) -> Manifest:
 
 
 def choose_quant_by_measuring(
-    source: ResolvedSource, request: ExportRequest, toolchain: Toolchain
+    source: ResolvedSource, request: ExportRequest, toolchain: Toolchain, adapter: AdapterInfo | None
 ) -> tuple[ExportRequest, QuantChoice, QuantReport]:
     """`--quant auto`: quantize the candidates, measure them against the float GGUF, keep the best within bounds.
 
@@ -151,7 +166,7 @@ def choose_quant_by_measuring(
     from tasks.units import parse_size
 
     base_only = request.model_copy(update={"quants": []})
-    float_gguf = next(iter(run_placed(source, base_only, toolchain).values()))
+    float_gguf = next(iter(run_placed(source, base_only, toolchain, adapter).values()))
     with tempfile.TemporaryDirectory(prefix="kiln-auto-", dir=cache_dir()) as work:
         measured, _ = measure_candidates(float_gguf, Path(work), AUTO_CANDIDATES)
     choice = choose_quant(measured, parse_size(request.max_size) if request.max_size else None, request.max_kl)

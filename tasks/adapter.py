@@ -48,6 +48,7 @@ from tasks.errors import ConversionFailed, KilnError
 from tasks.fetch import fingerprint, model_files, read_config
 from tasks.files import TEMP_PREFIX, atomic_path
 from tasks.progress import progress_reporter
+from tasks.step import step
 from tasks.toolchain import Toolchain
 
 AdapterMode = Literal["merge", "adapter", "peft"]
@@ -283,6 +284,13 @@ def adapter_sha256(files: list[SourceFile], config: dict[str, Any]) -> str:
     for f in sorted(files, key=lambda f: f.path):
         digest.update(f"{f.path}\0{config_digest if f.path == ADAPTER_CONFIG else f.sha256}\n".encode())
     return digest.hexdigest()
+
+
+def adapter_identity(adapter_dir: Path) -> str:
+    """The adapter's sha256 without validating it against a base: cheap enough for the up-to-date check."""
+    adapter_dir = Path(adapter_dir)
+    files = fingerprint(adapter_files(adapter_dir), adapter_dir)
+    return adapter_sha256(files, read_adapter_config(adapter_dir))
 
 
 def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
@@ -1132,6 +1140,7 @@ def merged_gguf_cache_path(base_key: str, info: AdapterInfo, outtype: str, toolc
     return gguf_cache_path(f"{base_key}-merge{info.sha256[:16]}", outtype, toolchain)
 
 
+@step(name="adapter")
 def apply_adapter(
     info: AdapterInfo,
     mode: AdapterMode,

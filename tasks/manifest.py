@@ -23,7 +23,7 @@ MANIFEST_NAME = "manifest.json"
 KILN_VERSION = "0.1.0"
 
 # Request fields that do not change what is written.
-_NON_OUTPUT_FIELDS = {"out_dir", "verify", "accept_license"}
+_NON_OUTPUT_FIELDS = {"out_dir", "verify", "accept_license", "placement"}
 
 
 def content_key(files: list[SourceFile]) -> str:
@@ -40,6 +40,15 @@ def request_key(request: ExportRequest, files: list[SourceFile], toolchain: Tool
     payload = json.dumps({"request": fields, "content": content_key(files),
                           "toolchain": toolchain.cache_key, "extra": extra}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def inputs_beyond_source(request: ExportRequest) -> str:
+    """What else decides the outputs besides the source files: the adapter's identity."""
+    if not request.adapter:
+        return ""
+    from tasks.adapter import adapter_identity
+
+    return f"adapter:{adapter_identity(Path(request.adapter))}"
 
 
 def now_iso() -> str:
@@ -101,7 +110,7 @@ def find_up_to_date(request: ExportRequest) -> tuple[Manifest | None, str]:
     if manifest is None:
         return None, "no manifest yet"
     # Where the folder lies and whether checks ran do not change what the files are.
-    ignored = {"verify", "out_dir"}
+    ignored = {"verify", "out_dir", "placement"}
     same_request = manifest.request.model_dump(exclude=ignored) == request.model_dump(exclude=ignored)
     if not same_request:
         return None, "the request differs from the last export"
@@ -112,7 +121,7 @@ def find_up_to_date(request: ExportRequest) -> tuple[Manifest | None, str]:
     paths = [folder] if ref.kind == "gguf" else model_files(folder)
     root = folder.parent if ref.kind == "gguf" else folder
     files = fingerprint(paths, root, manifest.source.files)
-    if request_key(request, files, current_toolchain()) != manifest.request_key:
+    if request_key(request, files, current_toolchain(), inputs_beyond_source(request)) != manifest.request_key:
         return None, "the source or the toolchain changed"
     problems = outputs_intact(out_dir, manifest.outputs)
     if problems:

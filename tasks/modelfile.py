@@ -709,10 +709,12 @@ def write_modelfiles(
     system: str | None,
     license_text: str | None = None,
     ollama_name: str | None = None,
+    adapter: str | None = None,
 ) -> OllamaPlan:
     """One Modelfile beside each GGUF (`FROM ./<file>`), with the dialect's template and checked stops.
 
-    `ggufs` maps quant type → GGUF file name in `out_dir`. Stops come from the
+    `ggufs` maps quant type → GGUF file name in `out_dir`; `adapter` names a GGUF LoRA there
+    (adapter mode: every Modelfile gets `ADAPTER ./<adapter>`). Stops come from the
     first GGUF's vocabulary: every quant type of one export shares it.
     """
     from tasks.files import safe_child, write_text_atomic
@@ -731,7 +733,7 @@ def write_modelfiles(
                       warnings=list(stops.warnings))
     for quant, gguf_name in ggufs.items():
         modelfile = build_modelfile(from_=f"./{gguf_name}", dialect=dialect, system=system, stop=stops.stops,
-                                    license=license_text)
+                                    license=license_text, adapter=f"./{adapter}" if adapter else None)
         header = [f"Kiln export: {gguf_name}, dialect {dialect} ({'verified' if verified else 'not verified'})"]
         target = safe_child(out_dir, modelfile_name(gguf_name))
         write_text_atomic(target, render_modelfile(modelfile, header=header))

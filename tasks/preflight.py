@@ -188,26 +188,22 @@ def probe_converter(folder: Path, toolchain: Toolchain) -> ConverterProbe:
 
 def read_gguf_probe(path: Path) -> ConverterProbe:
     """What a GGUF file says about itself, in the same record a conversion probe gives."""
-    from gguf import GGUFReader
+    from tasks.modelfile import ModelfileError, read_gguf_metadata
 
+    keys = ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+            "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template")
     try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as exc:
+        meta = read_gguf_metadata(path, keys)
+    except (ModelfileError, OSError, ValueError) as exc:
         raise SourceInvalid(f"{path.name} is not a readable GGUF file ({exc})") from None
-
-    def field(name: str):
-        f = reader.fields.get(name)
-        return None if f is None else f.contents()
-
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
     return ConverterProbe(
-        gguf_arch=field("general.architecture"),
-        tokenizer_model=field("tokenizer.ggml.model"),
-        tokenizer_pre=field("tokenizer.ggml.pre"),
-        vocab_size=len(tokens.data) if tokens is not None else 0,
-        bos_token_id=field("tokenizer.ggml.bos_token_id"),
-        eos_token_id=field("tokenizer.ggml.eos_token_id"),
-        chat_template=field("tokenizer.chat_template"),
+        gguf_arch=meta.get("general.architecture") or "unknown",
+        tokenizer_model=meta.get("tokenizer.ggml.model"),
+        tokenizer_pre=meta.get("tokenizer.ggml.pre"),
+        vocab_size=len(meta.get("tokenizer.ggml.tokens") or ()),
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        chat_template=meta.get("tokenizer.chat_template"),
     )
 
 
@@ -328,10 +324,9 @@ def _chat_check(chat: DialectChoice | None) -> Check:
 
 def gguf_file_type(path: Path) -> str:
     """The quant type a GGUF's tensors are mostly in (`general.file_type`), by Kiln's name for it."""
-    from gguf import GGUFReader
+    from tasks.modelfile import read_gguf_metadata
 
-    field = GGUFReader(path).fields.get("general.file_type")
-    code = int(field.contents()) if field is not None else 1
+    code = int(read_gguf_metadata(path, ("general.file_type",)).get("general.file_type", 1))
     names = {v: k for k, v in known_quant_types().items()}
     return names.get(code, "f16" if code == 1 else f"ftype{code}")
 

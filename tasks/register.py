@@ -419,6 +419,8 @@ def register_outputs(out_dir: Path, plan: OllamaPlan, host: str | None = None,
         if not model.name:
             continue
         modelfile = parse_modelfile(safe_child(out_dir, model.modelfile).read_text(encoding="utf-8"))
-        results.append(register_model(model.name, safe_child(out_dir, model.gguf), modelfile, host, progress=progress))
+        adapter = safe_child(out_dir, modelfile.adapter) if modelfile.adapter else None
+        results.append(register_model(model.name, safe_child(out_dir, model.gguf), modelfile, host,
+                                      adapter_path=adapter, progress=progress))
         model.registered = True
     return results

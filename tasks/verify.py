@@ -56,25 +56,14 @@ def _threads() -> int:
 
 def gguf_metadata(path: Path) -> dict[str, object]:
     """The GGUF's chat template and special tokens, read without loading tensors."""
-    from gguf import GGUFReader
+    from tasks.modelfile import read_gguf_tokenizer
 
-    reader = GGUFReader(path)
-
-    def field(name: str):
-        f = reader.fields.get(name)
-        return None if f is None else f.contents()
-
-    tokens = reader.fields["tokenizer.ggml.tokens"]
-
-    def token_text(key: str) -> str | None:
-        idx = field(key)
-        return None if idx is None else str(tokens.contents(idx))
-
+    tokenizer = read_gguf_tokenizer(path, with_vocabulary=False)
     return {
-        "chat_template": field("tokenizer.chat_template"),
-        "bos_token": token_text("tokenizer.ggml.bos_token_id"),
-        "eos_token": token_text("tokenizer.ggml.eos_token_id"),
-        "add_bos": bool(field("tokenizer.ggml.add_bos_token")),
+        "chat_template": tokenizer.chat_template,
+        "bos_token": tokenizer.bos_token,
+        "eos_token": tokenizer.eos_token,
+        "add_bos": bool(tokenizer.add_bos_token),
     }
 
 

@@ -18,12 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.helpers import FAST, Kiln, cli_env, demo_entry_name, entry, output_hashes
+from tests.faults.helpers import FAST, TOKEN_MARKER, Kiln, cli_env, demo_entry_name, entry, output_hashes
 from tests.prefect_server import PrefectServer
-
-# Shaped like a Hugging Face token so that every redaction rule would apply to it.
-TOKEN_MARKER = "hf_KilnFaultSuiteMarker" + "Q7x" * 6
-
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:

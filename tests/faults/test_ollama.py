@@ -116,7 +116,7 @@ def test_kiln_register_killed_mid_upload_leaves_no_model_then_completes(deferred
     wait_until(lambda: bool(standin.requests("HEAD", "/api/blobs")), run, "the blob check before the upload")
     run.kill()
     assert run.group_gone()
-    assert standin.models == {} and standin.blobs == {}
+    assert standin.models == {}  # (a blob may or may not have arrived whole; no model names one)
     assert (deferred["out"] / "manifest.json").read_bytes() == manifest_before
     assert temporaries(deferred["out"]) == []
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import TOKEN_MARKER
+from tests.faults.helpers import TOKEN_MARKER
 
 REPO = Path(__file__).resolve().parents[2]
 PRODUCTION = [p for d in ("flows", "tasks", "registry", "bench") for p in sorted((REPO / d).rglob("*.py"))]
