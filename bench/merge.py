@@ -48,7 +48,11 @@ def _child(kind: str, spec: dict) -> dict:
         timings[name] = round(time.perf_counter() - started, 3)
 
     if kind == "merge":
-        from tasks.adapter import convert_adapter_to_gguf, merge_lora_gguf, validate_adapter
+        from tasks.adapter import (
+            convert_adapter_to_gguf,
+            merge_lora_gguf,
+            validate_adapter,
+        )
         from tasks.toolchain import current_toolchain
 
         t = time.perf_counter()

@@ -331,12 +331,12 @@ def batch_export(
     from prefect import get_run_logger
     from prefect.artifacts import create_table_artifact
 
-    from flows.convert_quantize import Progress
+    from tasks.progress import progress_reporter
 
     logger = get_run_logger()
     items = load_catalogue(catalogue, out_root)
     logger.info("catalogue %s: %d item(s): %s", catalogue, len(items), ", ".join(i.name for i in items))
-    progress = Progress("kiln-batch", f"batch {catalogue}: items done", every=0)
+    progress = progress_reporter(f"batch {catalogue}: items done")
     outcomes: list[ItemOutcome] = []
     for n, item in enumerate(items, 1):
         outcome = run_item(item, force)
@@ -344,7 +344,7 @@ def batch_export(
         log = logger.error if outcome.status == "failed" else logger.info
         log("item %d/%d %s: %s%s", n, len(items), item.name, outcome.status,
             f" ({outcome.detail})" if outcome.status == "failed" else "")
-        progress.update(100 * n / len(items), force=True)
+        progress(n / len(items))
     table = outcome_table(outcomes)
     failed = [o.item for o in outcomes if o.status == "failed"]
     create_table_artifact(table=table, key="kiln-batch-outcomes",

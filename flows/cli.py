@@ -200,7 +200,12 @@ def report_command(out_dir: Path, as_json: bool) -> None:
     Uses the report in the manifest; measures now (and records it) when the export was made with --no-report.
     """
     from tasks.manifest import read_manifest, write_manifest
-    from tasks.report import measure_quants, report_markdown, rich_table, write_report_files
+    from tasks.report import (
+        measure_quants,
+        report_markdown,
+        rich_table,
+        write_report_files,
+    )
 
     manifest = read_manifest(out_dir)
     if manifest is None:

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,6 +41,7 @@ from tasks.adapter import AdapterInfo, apply_adapter
 from tasks.convert import convert_to_gguf, gguf_cache_path
 from tasks.errors import KilnError, ToolchainError
 from tasks.manifest import content_key
+from tasks.progress import progress_reporter
 from tasks.quantize import quantize_gguf
 from tasks.toolchain import Toolchain, current_toolchain
 
@@ -101,47 +100,6 @@ def cache_entry_intact(path: Path) -> bool:
 
 def _was_cached(state: Any) -> bool:
     return state is not None and state.name == "Cached"
-
-
-# ---------------------------------------------------------------- progress artifacts
-
-
-def _in_flow_run() -> bool:
-    from prefect.context import FlowRunContext
-
-    return FlowRunContext.get() is not None
-
-
-class Progress:
-    """A Prefect progress artifact, updated at most every `every` seconds (no-op outside a flow run)."""
-
-    def __init__(self, key: str, description: str, every: float = 2.0):
-        self.every = every
-        self._id = None
-        self._last = 0.0
-        self._lock = threading.Lock()
-        if _in_flow_run():
-            from prefect.artifacts import create_progress_artifact
-
-            try:
-                self._id = create_progress_artifact(progress=0.0, key=key, description=description)
-            except Exception:  # progress is a nicety; never fail a conversion over it
-                self._id = None
-
-    def update(self, percent: float, force: bool = False) -> None:
-        if self._id is None:
-            return
-        now = time.monotonic()
-        with self._lock:
-            if not force and now - self._last < self.every:
-                return
-            self._last = now
-        from prefect.artifacts import update_progress_artifact
-
-        try:
-            update_progress_artifact(self._id, progress=max(0.0, min(100.0, percent)))
-        except Exception:
-            pass
 
 
 def _config(source: ResolvedSource) -> dict[str, Any]:
@@ -247,7 +205,7 @@ def convert_and_quantize(
     workers, threads = quant_parallelism(len(todo), per_job, budget, parallel)
     logger.info("quantizing %s: %d at a time, %d thread(s) each (memory budget %.1f GB, %.2f GB a job)",
                 ", ".join(todo), workers, threads, budget / 1e9, per_job / 1e9)
-    progress = Progress("kiln-quantize", f"quantize {source.id}: {', '.join(todo)}", every=0)
+    progress = progress_reporter(f"quantize {source.id}: {', '.join(todo)}")
     task = cached_task("quantize")
     done = 0
 
@@ -259,7 +217,7 @@ def convert_and_quantize(
             path = task.with_options(refresh_cache=True)(base, gguf_cache_path(key, quant, toolchain), quant, threads)
         results[quant] = path
         done += 1
-        progress.update(100 * done / len(todo), force=True)
+        progress(done / len(todo))
 
     # A sliding window of `workers` quantizations: never more in flight than the memory budget allows.
     running: deque[tuple[str, Any]] = deque()

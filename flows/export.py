@@ -13,6 +13,7 @@ from filelock import FileLock
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows.convert_quantize import run_placed
 from registry.models import (
     Check,
     ExportRequest,
@@ -23,9 +24,8 @@ from registry.models import (
     QuantReport,
     ResolvedSource,
 )
-from flows.convert_quantize import run_placed
-from tasks.convert import place_output
 from tasks.adapter import AdapterInfo
+from tasks.convert import place_output
 from tasks.fetch import SourceRef, display_name, source_ref
 from tasks.files import remove_stale_temporaries, safe_child, sha256_file
 from tasks.manifest import (
@@ -49,8 +49,8 @@ def run_export(request: ExportRequest) -> Manifest:
     """Every step of an export, in order; runs inside the `export` flow."""
     from tasks.fetch import fetch_source, locate_metadata
     from tasks.modelfile import write_modelfiles
-    from tasks.report import measure_quants, write_report_files
     from tasks.preflight import run_preflight
+    from tasks.report import measure_quants, write_report_files
     from tasks.verify import verify_outputs
 
     timings: dict[str, float] = {}

@@ -18,8 +18,6 @@ from pathlib import Path
 from filelock import FileLock
 
 from tasks.errors import ConversionFailed, KilnError, NotEnoughDisk
-from tasks.step import step
-from tasks.progress import progress_reporter
 from tasks.files import (
     atomic_path,
     cache_dir,
@@ -28,6 +26,8 @@ from tasks.files import (
     sha256_file,
     write_text_atomic,
 )
+from tasks.progress import progress_reporter
+from tasks.step import step
 from tasks.toolchain import Toolchain, converter_env
 
 # The converter's tqdm bar: "Writing:  45%|████▌     | 123M/270M ..."

@@ -19,8 +19,8 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from registry.models import Check, ExportRequest
-from tasks.adapter import AdapterInfo
 from registry.spec import BaseModelSpec
+from tasks.adapter import AdapterInfo
 from tasks.convert import run_converter
 from tasks.errors import (
     ArchitectureUnsupported,
@@ -32,9 +32,22 @@ from tasks.errors import (
     SourceInvalid,
     SpecMismatch,
 )
-from tasks.fetch import METADATA_PATTERNS, SourceRef, check_safetensors, model_files, planned_weight_bytes, read_config
+from tasks.fetch import (
+    METADATA_PATTERNS,
+    SourceRef,
+    check_safetensors,
+    model_files,
+    planned_weight_bytes,
+    read_config,
+)
 from tasks.files import cache_dir, sha256_file, sha256_text, write_text_atomic
-from tasks.quantize import BITS_PER_WEIGHT, FLOAT_TYPES, check_quant_types, estimated_size, known_quant_types
+from tasks.quantize import (
+    BITS_PER_WEIGHT,
+    FLOAT_TYPES,
+    check_quant_types,
+    estimated_size,
+    known_quant_types,
+)
 from tasks.step import step
 from tasks.toolchain import Toolchain, registered_architectures
 

@@ -34,10 +34,10 @@ from pydantic import BaseModel, ConfigDict
 
 from registry.models import OllamaPlan
 from tasks.errors import KilnError
-from tasks.step import step
 from tasks.files import sha256_file
 from tasks.modelfile import Modelfile
 from tasks.ollama_name import parse_model_name
+from tasks.step import step
 
 # The JSON create API (`files`/`adapters`/`template`… instead of a Modelfile
 # body) that ollama-python 0.6 speaks arrived in Ollama 0.5.5.

@@ -34,7 +34,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import re
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -42,13 +41,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from pydantic import BaseModel, Field
 
 from registry.models import QuantChoice, QuantMetrics, QuantReport  # noqa: F401  (re-exported)
 from tasks.errors import KilnError
+from tasks.files import atomic_path, sha256_file
 from tasks.step import step
 from tasks.units import human_size, parse_size  # noqa: F401  (re-exported)
-from tasks.files import atomic_path, sha256_file
 
 if TYPE_CHECKING:
     from rich.table import Table

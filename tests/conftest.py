@@ -13,6 +13,15 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# Shared fixtures live in these modules; registering them here makes them visible to every test.
+pytest_plugins = [
+    "tests.fixtures_adapter",
+    "tests.fixtures_gotemplate",
+    "tests.fixtures_hub",
+    "tests.fixtures_ollama",
+]
+pytest.register_assert_rewrite("tests.hub_faults_proxy")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def kiln_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

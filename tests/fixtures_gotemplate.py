@@ -5,7 +5,7 @@ Go source shipped in `templates/gorender/` is built into a temporary cache.
 A machine without Go fails these tests with GoToolchainMissing, on purpose:
 the renderer is part of Kiln, and CI installs golang-go.
 
-Import explicitly: `from tests.fixtures_gotemplate import go_renderer  # noqa: F401`.
+Registered for every test by `pytest_plugins` in tests/conftest.py.
 """
 
 from __future__ import annotations

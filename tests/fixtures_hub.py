@@ -16,7 +16,7 @@
   offline flag and token path, so a developer's own settings cannot leak in.
 
 Commits are made with fixed names and dates, so every repository's SHA is the
-same on every run. Use with `pytest_plugins = ["fixtures_hub"]` in a test module.
+same on every run. Registered for every test by `pytest_plugins` in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from hub_faults_proxy import FaultProxy
+from tests.hub_faults_proxy import FaultProxy
 
 ORG = "kiln-test"
 DEMO_REPO = f"{ORG}/SmolLM2-135M-Instruct"

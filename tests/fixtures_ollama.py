@@ -1,6 +1,6 @@
 """Fixtures for registration tests: a fresh Ollama stand-in and small GGUF files.
 
-Import explicitly: `from tests.fixtures_ollama import ollama_standin, make_gguf  # noqa: F401`.
+Registered for every test by `pytest_plugins` in tests/conftest.py.
 """
 
 from __future__ import annotations

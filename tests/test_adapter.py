@@ -16,14 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures_adapter import (  # noqa: F401  (pytest fixtures)
-    adapter_info,
-    demo_base_key,
-    lora_gguf,
-    merged_gguf,
-    peft_adapter,
-    peft_output,
-)
 
 from registry import get_base
 from tasks.adapter import (

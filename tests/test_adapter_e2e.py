@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from tests.fixtures_adapter import peft_adapter  # noqa: F401
 from tests.kiln_cli import run_kiln
 
 

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
-
-import pytest
 
 from tasks.files import sha256_file
 from tests.kiln_cli import run_kiln

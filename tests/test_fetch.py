@@ -16,9 +16,29 @@ from pathlib import Path
 
 import pytest
 
-pytest.register_assert_rewrite("fixtures_hub", "hub_faults_proxy")
-
-from fixtures_hub import (  # noqa: E402
+from registry import get_base
+from tasks.errors import (
+    HubUnreachable,
+    PickleRefused,
+    RemoteCodeRefused,
+    RepoGated,
+    RevisionNotPinned,
+    SourceCorrupt,
+    SourceInvalid,
+)
+from tasks.fetch import (
+    display_name,
+    fetch_source,
+    fingerprint,
+    locate_metadata,
+    model_family,
+    model_files,
+    parse_source,
+    read_config,
+    redact,
+)
+from tasks.files import sha256_file
+from tests.fixtures_hub import (
     BIG_REPO,
     CUSTOM_CODE_REPO,
     DEMO_SKIP,
@@ -34,30 +54,6 @@ from fixtures_hub import (  # noqa: E402
     tiny_model_files,
     tiny_safetensors,
 )
-from registry import get_base  # noqa: E402
-from tasks.errors import (  # noqa: E402
-    HubUnreachable,
-    PickleRefused,
-    RemoteCodeRefused,
-    RepoGated,
-    RevisionNotPinned,
-    SourceCorrupt,
-    SourceInvalid,
-)
-from tasks.fetch import (  # noqa: E402
-    display_name,
-    fetch_source,
-    fingerprint,
-    locate_metadata,
-    model_family,
-    model_files,
-    parse_source,
-    read_config,
-    redact,
-)
-from tasks.files import sha256_file  # noqa: E402
-
-pytest_plugins = ["fixtures_hub"]
 
 SHA = "12fd25f77366fa6b3b4b768ec3050bf629380bac"
 SECRET = "hf_" + "kilnTestSecretToken0123456789abcd"

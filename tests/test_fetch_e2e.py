@@ -15,14 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytest.register_assert_rewrite("fixtures_hub", "hub_faults_proxy")
-
-from fixtures_hub import DEMO_SKIP  # noqa: E402
-from tasks.files import sha256_file  # noqa: E402
-
-pytest_plugins = ["fixtures_hub"]
+from tasks.files import sha256_file
+from tests.fixtures_hub import DEMO_SKIP
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,6 +9,7 @@ import pytest
 import templates
 from tasks.demo import packaged_gguf
 from tasks.modelfile import (
+    TOKENIZER_KEYS,
     Modelfile,
     ModelfileError,
     ModelfileMessage,
@@ -16,7 +17,6 @@ from tasks.modelfile import (
     compute_stops,
     format_value,
     parse_modelfile,
-    TOKENIZER_KEYS,
     parse_modelfile_commands,
     read_gguf_metadata,
     read_gguf_tokenizer,

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 from tasks.modelfile import parse_modelfile
-from tests.fixtures_ollama import ollama_standin  # noqa: F401
 from tests.kiln_cli import run_kiln
 from tests.ollama_standin import closed_port
 

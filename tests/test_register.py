@@ -26,7 +26,6 @@ from tasks.register import (
     RetryPolicy,
     register_model,
 )
-from tests.fixtures_ollama import make_gguf, ollama_standin  # noqa: F401
 from tests.ollama_standin import OllamaStandIn, closed_port
 
 NAME = "smollm2-135m-instruct:q4_k_m"

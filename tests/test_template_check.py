@@ -28,7 +28,6 @@ from tasks.template_check import (
     check_template_text,
     render_go_template,
 )
-from tests.fixtures_gotemplate import go_renderer  # noqa: F401
 
 SEED_001_DIALECTS = ("chatml", "qwen3thinking", "gemma2", "smollm3", "olmo2", "llama3", "phi3", "phi4mini", "mistral")
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"

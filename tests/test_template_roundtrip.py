@@ -17,14 +17,13 @@ import pytest
 import templates
 from tasks.template_check import (
     MESSAGE_MATRIX,
+    ConversationRefused,
     GoRenderer,
     GoRenderError,
     GoRenderJob,
     JinjaChatTemplate,
-    ConversationRefused,
     check_template_text,
 )
-from tests.fixtures_gotemplate import go_renderer  # noqa: F401
 
 REFERENCES = [
     (row.dialect, ref) for row in (templates.get_dialect(d) for d in templates.registered_dialects())

@@ -18,8 +18,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.helpers import FAST, TOKEN_MARKER, Kiln, cli_env, demo_entry_name, entry, output_hashes
+from tests.faults.helpers import (
+    FAST,
+    TOKEN_MARKER,
+    Kiln,
+    cli_env,
+    demo_entry_name,
+    entry,
+    output_hashes,
+)
 from tests.prefect_server import PrefectServer
+
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:

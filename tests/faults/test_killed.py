@@ -23,8 +23,8 @@ import json
 import pytest
 
 from tests.faults.helpers import (
-    FAST,
     DEMO_QUANTS,
+    FAST,
     Identity,
     Kiln,
     cli_env,

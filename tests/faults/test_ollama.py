@@ -20,7 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.helpers import FAST, Identity, Kiln, final_files, temporaries, wait_until
+from tests.faults.helpers import (
+    FAST,
+    Identity,
+    Kiln,
+    final_files,
+    temporaries,
+    wait_until,
+)
 from tests.ollama_standin import OllamaStandIn, closed_port
 
 NAME = "kiln-fault:q4"  # a tagged name: one model, the first quant type's GGUF
