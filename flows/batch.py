@@ -235,6 +235,8 @@ def load_catalogue(path: str | Path, out_root: str | None = None, check: bool = 
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SpecInvalid(f"catalogue {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise SpecInvalid(f"catalogue {path}: not UTF-8 text; save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise SpecInvalid(f"catalogue {path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,45 @@ def print_summary(manifest, status: str) -> None:
     console.print(f"[bold green]{status}[/]")
 
 
+def preflight_before_prefect(request) -> None:
+    """Every refusal preflight can make, before the Prefect server's start-up is paid.
+
+    The flow runs preflight again as its first step (for UI and scheduled runs); the
+    converter probe is cached by then, so the second pass costs about a second.
+    """
+    from tasks.fetch import locate_metadata, source_ref
+    from tasks.preflight import check_request, run_preflight
+    from tasks.toolchain import current_toolchain
+
+    ref = source_ref(request)
+    check_request(request, ref)
+    folder, _ = locate_metadata(ref)
+    run_preflight(ref, folder, request, current_toolchain())
+
+
+class _NoTracebackForKilnErrors(logging.Filter):
+    """A `KilnError` already says what to do: the terminal gets its message, not Prefect's traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KilnError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_kiln_tracebacks() -> None:
+    """Strip tracebacks of `KilnError`s from Prefect's console output (the UI keeps them)."""
+    from prefect.logging.configuration import setup_logging
+
+    setup_logging()  # idempotent; Prefect would do it on the first run, after we looked
+    # Records reach the console through the root logger's handler, after the API handlers
+    # further down have sent them (with their tracebacks) to the server.
+    for logger in [logging.root, *(logging.getLogger(n) for n in list(logging.root.manager.loggerDict))]:
+        for handler in logger.handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler":
+                handler.addFilter(_NoTracebackForKilnErrors())
+
+
 def run_export_command(request, as_json: bool, force: bool) -> None:
     from tasks.manifest import find_up_to_date
 
@@ -79,12 +119,11 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
     if manifest is not None:
         status = f"outputs in {request.out_dir} are up to date (hashes match the manifest); nothing to do"
     else:
-        from tasks.fetch import source_ref
-        from tasks.preflight import check_request
-
-        check_request(request, source_ref(request))
+        preflight_before_prefect(request)
         console.print(f"exporting ({why})")
         from flows.export import export
+
+        quiet_kiln_tracebacks()
 
         manifest = export(request, force=force)
         status = f"exported to {request.out_dir}"

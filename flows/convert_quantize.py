@@ -25,6 +25,7 @@ docs/deployments.md for workers on several machines.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import deque
@@ -64,11 +65,17 @@ class PlacementFailed(KilnError):
 
 
 def _convert_cache_key(_ctx: Any, params: dict[str, Any]) -> str:
-    return "kiln-convert-" + gguf_cache_path(params["content_key"], params["outtype"], params["toolchain"]).name
+    return _path_key("kiln-convert", gguf_cache_path(params["content_key"], params["outtype"], params["toolchain"]))
 
 
 def _quantize_cache_key(_ctx: Any, params: dict[str, Any]) -> str:
-    return f"kiln-quantize-{Path(params['dst']).name}-from-{Path(params['src']).name}"
+    return _path_key("kiln-quantize", Path(params["dst"]), Path(params["src"]))
+
+
+def _path_key(prefix: str, *paths: Path) -> str:
+    """A cache key naming whole paths: a run with another KILN_CACHE_DIR must not get this cache's entries."""
+    digest = hashlib.sha256("\0".join(str(p) for p in paths).encode()).hexdigest()[:24]
+    return f"{prefix}-{paths[0].name}-{digest}"
 
 
 @lru_cache(maxsize=None)

@@ -418,7 +418,10 @@ def register_outputs(out_dir: Path, plan: OllamaPlan, host: str | None = None,
     for model in plan.models:
         if not model.name:
             continue
-        modelfile = parse_modelfile(safe_child(out_dir, model.modelfile).read_text(encoding="utf-8"))
+        modelfile_path = safe_child(out_dir, model.modelfile)
+        if not modelfile_path.is_file():
+            raise RegistrationError(f"{modelfile_path} is missing; export again to rewrite it (kiln export ... --force)")
+        modelfile = parse_modelfile(modelfile_path.read_text(encoding="utf-8"))
         adapter = safe_child(out_dir, modelfile.adapter) if modelfile.adapter else None
         results.append(register_model(model.name, safe_child(out_dir, model.gguf), modelfile, host,
                                       adapter_path=adapter, progress=progress))

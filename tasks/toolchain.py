@@ -177,6 +177,9 @@ def converter_env(root: Path) -> dict[str, str]:
         [str(root / "gguf-py"), str(root)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
     env.pop("NO_LOCAL_GGUF", None)
+    # It runs offline: no reason to hand it a Hub token.
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        env.pop(name, None)
     # The converter never needs the network; refuse it so a typo cannot trigger a Hub download.
     env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("PYTHONUNBUFFERED", "1")
