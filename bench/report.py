@@ -41,7 +41,11 @@ def main() -> int:
     ap.add_argument("--n-ctx", type=int, default=rp.DEFAULT_N_CTX)
     ap.add_argument("--n-chunks", type=int, default=rp.DEFAULT_N_CHUNKS)
     ap.add_argument("--gen-tokens", type=int, default=rp.DEFAULT_GEN_TOKENS)
+    ap.add_argument("--cli", action="store_true",
+                    help="instead: time `kiln export` of the demo folder with and without --no-report")
     args = ap.parse_args()
+    if args.cli:
+        return compare_cli_exports()
 
     demo_dir, _ = ensure_demo_model()
     toolchain = current_toolchain()
@@ -85,6 +89,34 @@ def main() -> int:
     from rich.console import Console
 
     Console(width=160).print(rp.rich_table(report))
+    return 0
+
+
+def compare_cli_exports() -> int:
+    """`kiln export DEMO --quant q8_0,q4_k_m,q2_k` as a user runs it (verification on), with and without the report.
+
+    Each run has its own empty cache, so both convert and quantize for real; the
+    converter tree is shared through LLAMA_CPP_DIR so neither downloads it.
+    """
+    import subprocess
+
+    from tasks.demo import ensure_demo_model
+    from tasks.toolchain import current_toolchain
+
+    model = ensure_demo_model()[0]
+    kiln = str(Path(sys.executable).parent / "kiln")
+    walls = {}
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-report-") as tmp:
+        for label, extra in (("without report", ["--no-report"]), ("with report", [])):
+            env = {**os.environ, "KILN_CACHE_DIR": f"{tmp}/cache-{len(walls)}",
+                   "LLAMA_CPP_DIR": current_toolchain().converter_dir}
+            cmd = [kiln, "export", str(model), "--quant", ",".join(QUANTS), "--out", f"{tmp}/out-{len(walls)}", *extra]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, capture_output=True, env=env)
+            walls[label] = time.perf_counter() - t0
+            print(f"kiln export {label}: {walls[label]:.1f} s", flush=True)
+    added = walls["with report"] - walls["without report"]
+    print(f"the report adds {added:.1f} s, {added / walls['without report']:.0%} of the export's wall time")
     return 0
 
 

@@ -338,7 +338,7 @@ def batch_export(
     logger = get_run_logger()
     items = load_catalogue(catalogue, out_root)
     logger.info("catalogue %s: %d item(s): %s", catalogue, len(items), ", ".join(i.name for i in items))
-    progress = progress_reporter(f"batch {catalogue}: items done")
+    progress = progress_reporter(f"batch {catalogue}: items done", key="kiln-batch")
     outcomes: list[ItemOutcome] = []
     for n, item in enumerate(items, 1):
         outcome = run_item(item, force)

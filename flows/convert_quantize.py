@@ -212,7 +212,7 @@ def convert_and_quantize(
     workers, threads = quant_parallelism(len(todo), per_job, budget, parallel)
     logger.info("quantizing %s: %d at a time, %d thread(s) each (memory budget %.1f GB, %.2f GB a job)",
                 ", ".join(todo), workers, threads, budget / 1e9, per_job / 1e9)
-    progress = progress_reporter(f"quantize {source.id}: {', '.join(todo)}")
+    progress = progress_reporter(f"quantize {source.id}: {', '.join(todo)}", key="kiln-quantize")
     task = cached_task("quantize")
     done = 0
 

@@ -17,8 +17,8 @@ def _ignore(fraction: float) -> None:
     return None
 
 
-def progress_reporter(description: str) -> Report:
-    """A callback taking the fraction done (0..1) of the step described."""
+def progress_reporter(description: str, key: str | None = None) -> Report:
+    """A callback taking the fraction done (0..1) of the step described; `key` names the artifact."""
     if "prefect" not in sys.modules:  # not imported, so certainly not inside a run
         return _ignore
     from prefect import get_run_logger
@@ -27,7 +27,7 @@ def progress_reporter(description: str) -> Report:
 
     if TaskRunContext.get() is None and FlowRunContext.get() is None:
         return _ignore
-    artifact_id = create_progress_artifact(progress=0.0, description=description)
+    artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
     logger = get_run_logger()
     shown = {"artifact": 0, "log": 0}
 

@@ -178,15 +178,22 @@ class PrefectServer:
 
     # ------------------------------------------------------------ REST API
 
-    def get(self, path: str) -> Any:
-        response = httpx.get(self.api_url + path, timeout=30)
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        # SQLite under a busy server answers 503 now and then ("database is locked"); Prefect's
+        # own client retries those, and so does this one, a few times.
+        for attempt in range(6):
+            response = httpx.request(method, self.api_url + path, json=body, timeout=30)
+            if response.status_code not in (502, 503, 504) or attempt == 5:
+                break
+            time.sleep(1 + attempt)
         response.raise_for_status()
         return response.json()
 
+    def get(self, path: str) -> Any:
+        return self._request("GET", path)
+
     def post(self, path: str, body: dict[str, Any]) -> Any:
-        response = httpx.post(self.api_url + path, json=body, timeout=30)
-        response.raise_for_status()
-        return response.json()
+        return self._request("POST", path, body)
 
     def run_deployment(self, name: str, parameters: dict[str, Any]) -> str:
         """Create a flow run of `flow/deployment` with `parameters` (as the UI's Run button does); its id."""
