@@ -20,18 +20,18 @@ check and measure nothing):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.export import bare_tools  # noqa: E402  (the same bare tools as the export benchmark)
 
 CHILD = r"""
 import json, sys, time
@@ -54,41 +54,6 @@ for label, force in (("first", False), ("second", False), ("forced", True)):
     runs.append({"run": label, "wall": wall, "state": state.name, "rows": rows, "timings": timings})
 print("BENCH-JSON " + json.dumps({"startup": startup, "runs": runs}))
 """
-
-
-def bare_tools(model: Path, quants: list[str], work: Path, converter: Path) -> dict[str, float]:
-    import llama_cpp
-
-    from tasks.quantize import known_quant_types
-    from tasks.toolchain import converter_env
-
-    times: dict[str, float] = {}
-    f16 = work / "bare-f16.gguf"
-    cmd = [sys.executable, str(converter / "convert_hf_to_gguf.py"), "--outtype", "f16", "--outfile", str(f16), str(model)]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=converter_env(converter), capture_output=True)
-    times["convert f16"] = time.perf_counter() - t0
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    saved_stderr = os.dup(2)
-    for quant in quants:
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = known_quant_types()[quant]
-        params.nthread = os.cpu_count() or 1
-        out = work / f"bare-{quant}.gguf"
-        t0 = time.perf_counter()
-        os.dup2(devnull, 2)  # libllama writes a line per tensor to stderr
-        try:
-            rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params))
-        finally:
-            os.dup2(saved_stderr, 2)
-        times[f"quantize {quant}"] = time.perf_counter() - t0
-        if rc != 0:
-            raise SystemExit(f"bare quantize {quant} failed (return code {rc})")
-        out.unlink()
-    os.close(devnull)
-    os.close(saved_stderr)
-    f16.unlink()
-    return times
 
 
 def main() -> None:

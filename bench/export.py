@@ -53,15 +53,26 @@ def bare_tools(model: Path, quants: list[str], work: Path, converter: Path) -> d
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=converter_env(converter), capture_output=True)
     times["convert f16"] = time.perf_counter() - t0
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved_stderr = os.dup(2)
     for quant in quants:
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = known_quant_types()[quant]
         params.nthread = os.cpu_count() or 1
         out = work / f"bare-{quant}.gguf"
         t0 = time.perf_counter()
-        rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params))
+        os.dup2(devnull, 2)  # libllama writes a line per tensor to stderr
+        try:
+            rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params))
+        finally:
+            os.dup2(saved_stderr, 2)
         times[f"quantize {quant}"] = time.perf_counter() - t0
-        assert rc == 0, f"quantize {quant} failed"
+        if rc != 0:
+            raise SystemExit(f"bare quantize {quant} failed (return code {rc})")
+        out.unlink()
+    os.close(devnull)
+    os.close(saved_stderr)
+    f16.unlink()
     return times
 
 
