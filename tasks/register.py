@@ -179,13 +179,18 @@ class _Session:
             self.progress(event)
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run `fn`, retrying transient failures; translate the final failure."""
+        """Run `fn`, retrying transient failures; translate the final failure.
+
+        A 4xx (or an error line in a stream) is the server refusing, not failing: no retry.
+        """
         delays = self.retry.delays()
         while True:
             try:
                 return fn()
             except Exception as exc:
                 if not _is_transient(exc):
+                    if isinstance(exc, ollama.ResponseError):
+                        raise _rejected(what, exc) from None
                     raise
                 delay = next(delays, None)
                 if delay is None:
@@ -274,15 +279,7 @@ def _ensure_blob(session: _Session, path: Path, role: Literal["model", "adapter"
 
     session.report(RegistrationEvent("upload", f"uploading {path.name}", digest=digest, completed=0, total=size))
 
-    def upload() -> str:
-        try:
-            return session.client.create_blob(path)
-        except ollama.ResponseError as exc:
-            if exc.status_code >= 500:
-                raise
-            raise _rejected(f"uploading {path.name}", exc) from None
-
-    sent = session.call(f"uploading {path.name}", upload)
+    sent = session.call(f"uploading {path.name}", lambda: session.client.create_blob(path))
     if sent != digest:
         raise BlobDigestMismatch(
             f"{path} changed while it was being registered (hashed {digest}, uploaded {sent}); "
@@ -310,17 +307,12 @@ def _create(session: _Session, name: str, model_blob: BlobRecord, adapter_blob: 
 
     def attempt() -> tuple[str, ...]:
         statuses: list[str] = []
-        try:
-            for update in session.client.create(stream=True, **kwargs):
-                status = update.status or ""
-                statuses.append(status)
-                session.report(RegistrationEvent(
-                    "create", status, digest=update.digest, completed=update.completed, total=update.total
-                ))
-        except ollama.ResponseError as exc:
-            if exc.status_code >= 500:
-                raise
-            raise _rejected(f"creating {name}", exc) from None
+        for update in session.client.create(stream=True, **kwargs):
+            status = update.status or ""
+            statuses.append(status)
+            session.report(RegistrationEvent(
+                "create", status, digest=update.digest, completed=update.completed, total=update.total
+            ))
         if not statuses or statuses[-1] != "success":
             # A stream cut short without an error line: the server went away.
             raise httpx.RemoteProtocolError(f"the create stream ended after {statuses[-1:] or 'nothing'}")
@@ -362,15 +354,7 @@ def register_model(
         adapter_blob = _ensure_blob(session, Path(adapter_path), "adapter") if adapter_path is not None else None
         statuses = _create(session, name, model_blob, adapter_blob, modelfile)
 
-        def show() -> Any:
-            try:
-                return session.client.show(name)
-            except ollama.ResponseError as exc:
-                if exc.status_code >= 500:
-                    raise
-                raise _rejected(f"showing {name} after creating it", exc) from None
-
-        shown = session.call(f"checking {name}", show)
+        shown = session.call(f"checking {name} after creating it", lambda: session.client.show(name))
         if modelfile.template and (shown.template or "") != modelfile.template:
             raise OllamaRejected(f"Ollama created {name} but reports a different TEMPLATE than the one sent")
         session.report(RegistrationEvent("show", f"{parsed.display_shortest()} is ready: ollama run {name}"))
