@@ -46,7 +46,7 @@ from registry.spec import BaseModelSpec
 from tasks.convert import cached_build, gguf_cache_path, run_converter
 from tasks.errors import ConversionFailed, KilnError
 from tasks.fetch import fingerprint, model_files, read_config
-from tasks.files import TEMP_PREFIX, atomic_path
+from tasks.files import TEMP_PREFIX, atomic_path, read_json_object
 from tasks.progress import progress_reporter
 from tasks.step import step
 from tasks.toolchain import Toolchain
@@ -302,13 +302,7 @@ def read_adapter_config(adapter_dir: Path) -> dict[str, Any]:
             f"{adapter_dir} has no {ADAPTER_CONFIG}, so it is not a peft adapter folder "
             "(point --adapter at the folder peft's save_pretrained wrote)"
         )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterIncompatible(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise AdapterIncompatible(f"{path} must hold a JSON object")
-    return config
+    return read_json_object(path, AdapterIncompatible, "save the adapter again with peft")
 
 
 def _positive_number(config: dict, key: str, path: Path, integer: bool) -> float:

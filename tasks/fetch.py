@@ -52,7 +52,7 @@ from tasks.errors import (
     SourceInvalid,
     UnknownBaseModel,
 )
-from tasks.files import cache_dir, sha256_file, write_text_atomic
+from tasks.files import cache_dir, read_json_object, sha256_file, write_text_atomic
 
 log = logging.getLogger("kiln.fetch")
 
@@ -515,19 +515,9 @@ def _folder_names(folder: Path) -> set[str]:
     return names
 
 
-def _read_json_file(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise SourceCorrupt(f"{path}: {what} is not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise SourceCorrupt(f"{path}: {what} must hold a JSON object")
-    return data
-
-
 def read_index(folder: Path, name: str = SAFETENSORS_INDEX) -> dict[str, str]:
     """The index's weight_map (tensor -> shard path), every shard path checked not to escape the folder."""
-    data = _read_json_file(folder / name, "the shard index")
+    data = read_json_object(folder / name, SourceCorrupt, "the shard index is damaged: re-download it")
     weight_map = data.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise SourceCorrupt(f"{folder / name}: no weight_map; the index names no shard")
@@ -618,13 +608,7 @@ def read_config(folder: Path) -> dict:
             f"{folder} has no config.json, so it is not a Hugging Face model folder. "
             "Point SOURCE at the folder that holds config.json, the tokenizer files and *.safetensors."
         )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SourceInvalid(f"{config_path} is not valid JSON ({exc}); re-download or fix it") from None
-    if not isinstance(config, dict):
-        raise SourceInvalid(f"{config_path} must hold a JSON object")
-    return config
+    return read_json_object(config_path, SourceInvalid, "re-download or fix it")
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,14 @@ import contextlib
 import errno
 import glob
 import hashlib
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.errors import NotEnoughDisk, OutputDirInvalid
+from tasks.errors import KilnError, NotEnoughDisk, OutputDirInvalid
 
 TEMP_PREFIX = ".kiln-tmp-"
 _HASH_CHUNK = 8 * 1024 * 1024
@@ -178,6 +179,17 @@ def remove_stale_temporaries(folder: Path, name: str | None = None) -> list[Path
                 leftover.unlink(missing_ok=True)
             removed.append(leftover)
     return removed
+
+
+def read_json_object(path: Path, error: type[KilnError], fix: str) -> dict:
+    """A JSON file that must hold an object; anything else raises `error` naming the file and `fix`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object; {fix}")
+    return data
 
 
 def safe_child(folder: Path, name: str) -> Path:
