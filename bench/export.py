@@ -11,6 +11,8 @@
 4. `kiln export` again with an empty cache against a Prefect server that is
    already running (PREFECT_API_URL): what a user running many exports pays.
 5. `kiln export` again: the up-to-date re-run.
+6. `kiln export` of a copy of the model whose config names an architecture the
+   converter does not know: how long a refusal takes (it comes before Prefect starts).
 
 Verification is left out of the comparison (the bare tools verify nothing); the
 manifest's per-step timings are printed so its cost is visible too.
@@ -22,6 +24,7 @@ import argparse
 import ctypes
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,6 +90,25 @@ def kiln_export(model: Path, quants: list[str], out: Path, env: dict[str, str]) 
     return wall, json.loads(proc.stdout)
 
 
+def refused_export(model: Path, work: Path, env: dict[str, str]) -> tuple[float, str]:
+    """Time a refusal: the model's config and tokenizer, with an architecture no converter knows."""
+    bad = work / "unknown-architecture"
+    bad.mkdir()
+    for item in model.iterdir():
+        if item.suffix == ".json" or item.suffix == ".jinja":
+            shutil.copy(item, bad / item.name)
+    config = json.loads((bad / "config.json").read_text())
+    config["architectures"] = ["FrobnicatorForCausalLM"]
+    (bad / "config.json").write_text(json.dumps(config))
+    cmd = [str(Path(sys.executable).parent / "kiln"), "export", str(bad), "--out", str(work / "refused")]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode == 0:
+        raise SystemExit("the export of an unknown architecture was not refused")
+    return wall, proc.stderr.strip().splitlines()[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="Hugging Face folder (default: the demo model)")
@@ -113,6 +135,7 @@ def main() -> None:
         prefect_startup = time.perf_counter() - t0
 
         rerun_wall, _ = kiln_export(model, quants, work / "out", env)
+        refusal_wall, refusal = refused_export(model, work, env)
 
         from tests.prefect_server import PrefectServer
 
@@ -135,6 +158,7 @@ def main() -> None:
           + ", ".join(f"{k} {v:g}" for k, v in served["timings"].items()))
     print(f"ratio kiln/bare with a running server: {served_wall / bare_total:.2f}")
     print(f"up-to-date re-run, wall (s): {rerun_wall:.2f}")
+    print(f"refusal of an unknown architecture, wall (s): {refusal_wall:.2f} ({refusal[:100]})")
 
 
 if __name__ == "__main__":

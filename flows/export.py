@@ -68,7 +68,7 @@ def run_export(request: ExportRequest) -> Manifest:
     lap("preflight", t0)
 
     t0 = time.perf_counter()
-    source = fetch_source(ref, metadata_folder, derived_from)
+    source = fetch_source.task(ref, metadata_folder, derived_from)
     lap("fetch", t0)
 
     t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def run_export(request: ExportRequest) -> Manifest:
     remove_stale_temporaries(out_dir)
     placed: dict[str, str] = {}
     # The user's quant types first: a tagged --ollama-name goes to their first choice.
-    for quant in sorted(cached, key=lambda q: (q not in request.quants, request.quants.index(q) if q in request.quants else 0)):
+    for quant in [q for q in request.quants if q in cached] + [q for q in cached if q not in request.quants]:
         final = safe_child(out_dir, output_name(stem, quant))
         place_output(cached[quant], final)
         placed[quant] = final.name

@@ -53,6 +53,7 @@ from tasks.errors import (
     UnknownBaseModel,
 )
 from tasks.files import cache_dir, read_json_object, sha256_file, write_text_atomic
+from tasks.step import step
 
 log = logging.getLogger("kiln.fetch")
 
@@ -920,6 +921,7 @@ def locate_metadata(ref: SourceRef) -> tuple[Path, str | None]:
     return folder, None
 
 
+@step(name="fetch")
 def fetch_source(ref: SourceRef, metadata_folder: Path, derived_from: str | None,
                  previous: list[SourceFile] | None = None) -> ResolvedSource:
     """Make the weights local (Hub: at the pinned commit, verified) and fingerprint every file used.

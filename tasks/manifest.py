@@ -15,6 +15,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from registry.models import ExportRequest, Manifest, OutputFile, SourceFile
+from tasks.errors import KilnError
 from tasks.fetch import SourceRef, fingerprint, model_files, source_ref
 from tasks.files import safe_child, sha256_file, write_text_atomic
 from tasks.toolchain import Toolchain, current_toolchain
@@ -86,21 +87,32 @@ def outputs_intact(out_dir: Path, outputs: list[OutputFile]) -> list[str]:
     return problems
 
 
-def _local_folder(ref: SourceRef) -> Path | None:
-    """Where the source already lies on disk, without building or downloading anything."""
-    if ref.kind in ("local", "gguf"):
-        return Path(ref.id)
+def _current_source_files(ref: SourceRef, manifest: Manifest) -> list[SourceFile] | None:
+    """The recorded source's files fingerprinted where they lie now; None when they are gone or moved.
+
+    Works the same for every source kind because the manifest says where each file was;
+    a Hub source is found in the cache without asking the network.
+    """
+    src = manifest.source
+    if (ref.id, ref.revision) != (src.id, src.revision) or not src.files:
+        return None
     if ref.kind == "demo":
         from tasks.demo import ensure_demo_model
 
-        return ensure_demo_model()[0]
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+        if ensure_demo_model()[1] != src.derived_from:
+            return None
+    root = Path(src.path)
+    if src.kind == "gguf":
+        root = root.parents[len(Path(src.files[0].path).parts) - 1]
     try:
-        return Path(snapshot_download(repo_id=ref.id, revision=ref.revision, local_files_only=True))
-    except (LocalEntryNotFoundError, OSError, ValueError):
+        # A local folder may have gained or lost files; every other source is exactly what was recorded.
+        paths = model_files(root, allow_pickle=ref.allow_pickle) if src.kind == "local" else [
+            root / f.path for f in src.files]
+    except KilnError:
+        return None  # let the export's preflight say what is wrong with it
+    if not all(p.is_file() for p in paths):
         return None
+    return fingerprint(paths, root, src.files)
 
 
 def find_up_to_date(request: ExportRequest) -> tuple[Manifest | None, str]:
@@ -114,13 +126,9 @@ def find_up_to_date(request: ExportRequest) -> tuple[Manifest | None, str]:
     same_request = manifest.request.model_dump(exclude=ignored) == request.model_dump(exclude=ignored)
     if not same_request:
         return None, "the request differs from the last export"
-    ref = source_ref(request)
-    folder = _local_folder(ref)
-    if folder is None:
-        return None, "the source is not in the local cache"
-    paths = [folder] if ref.kind == "gguf" else model_files(folder)
-    root = folder.parent if ref.kind == "gguf" else folder
-    files = fingerprint(paths, root, manifest.source.files)
+    files = _current_source_files(source_ref(request), manifest)
+    if files is None:
+        return None, "the source is not where the last export found it"
     if request_key(request, files, current_toolchain(), inputs_beyond_source(request)) != manifest.request_key:
         return None, "the source or the toolchain changed"
     problems = outputs_intact(out_dir, manifest.outputs)
