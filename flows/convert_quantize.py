@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -39,7 +38,7 @@ from prefect import flow, get_run_logger
 
 from registry.models import ExportRequest, ResolvedSource
 from tasks.adapter import AdapterInfo, apply_adapter
-from tasks.convert import convert_to_gguf, gguf_cache_path
+from tasks.convert import cache_entry_intact, convert_to_gguf, gguf_cache_path
 from tasks.errors import KilnError, ToolchainError
 from tasks.manifest import content_key
 from tasks.progress import progress_reporter
@@ -89,20 +88,6 @@ def cached_task(step_name: str) -> Any:
     }[step_name]
     return step.task.with_options(cache_policy=CacheKeyFnPolicy(cache_key_fn=key_fn) + TASK_SOURCE,
                                   persist_result=True)
-
-
-def cache_entry_intact(path: Path) -> bool:
-    """Cheap check that a cache entry a Prefect record points at is still what was stamped.
-
-    The entry exists and was not modified after its sha256 stamp was written (outputs are hard
-    links to entries, so an output edited in place would show here). No hashing: that is the
-    point of the Prefect cache; `cached_build` re-hashes whenever the task really runs.
-    """
-    stamp = path.with_name(path.name + ".sha256")
-    try:
-        return path.stat().st_size > 0 and path.stat().st_mtime_ns <= stamp.stat().st_mtime_ns
-    except OSError:
-        return False
 
 
 def _was_cached(state: Any) -> bool:
@@ -221,19 +206,17 @@ def convert_and_quantize(
         path = future.result()
         if _was_cached(future.state) and not cache_entry_intact(path):
             logger.warning("cached %s quantization %s is gone or changed since stamped; quantizing again", quant, path.name)
-            path = task.with_options(refresh_cache=True)(base, gguf_cache_path(key, quant, toolchain), quant, threads)
+            path = task.with_options(refresh_cache=True)(base, gguf_cache_path(key, quant, toolchain), quant, threads,
+                                                         workers)
         results[quant] = path
         done += 1
         progress(done / len(todo))
 
-    # A sliding window of `workers` quantizations: never more in flight than the memory budget allows.
-    running: deque[tuple[str, Any]] = deque()
-    for quant in todo:
-        if len(running) >= workers:
-            finish(*running.popleft())
-        running.append((quant, task.submit(base, gguf_cache_path(key, quant, toolchain), quant, threads)))
-    while running:
-        finish(*running.popleft())
+    # All submitted at once; inside, `workers` run libllama together (the memory budget), the rest wait.
+    running = [(quant, task.submit(base, gguf_cache_path(key, quant, toolchain), quant, threads, workers))
+               for quant in todo]
+    for quant, future in running:
+        finish(quant, future)
     return {q: results[q] for q in [base_label, *todo]}
 
 

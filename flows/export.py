@@ -25,11 +25,12 @@ from registry.models import (
     ResolvedSource,
 )
 from tasks.adapter import AdapterInfo
-from tasks.convert import place_output
+from tasks.convert import ConversionAhead, output_sha256, place_output, warm_converter
 from tasks.fetch import SourceRef, display_name, source_ref
 from tasks.files import remove_stale_temporaries, safe_child, sha256_file
 from tasks.manifest import (
     KILN_VERSION,
+    content_key,
     find_up_to_date,
     inputs_beyond_source,
     now_iso,
@@ -49,7 +50,7 @@ def run_export(request: ExportRequest) -> Manifest:
     """Every step of an export, in order; runs inside the `export` flow."""
     from tasks.fetch import fetch_source, locate_metadata
     from tasks.modelfile import write_modelfiles
-    from tasks.preflight import run_preflight
+    from tasks.preflight import confirm_with_converter, conversion_can_start_early, run_preflight
     from tasks.report import measure_quants, write_report_files
     from tasks.verify import verify_outputs
 
@@ -64,11 +65,23 @@ def run_export(request: ExportRequest) -> Manifest:
     toolchain = current_toolchain()
     ref = source_ref(request)
     metadata_folder, derived_from = locate_metadata(ref)
-    report = run_preflight.task(ref, metadata_folder, request, toolchain)
+    early = conversion_can_start_early(ref, metadata_folder, request, toolchain)
+    report = run_preflight.task(ref, metadata_folder, request, toolchain, ask_converter=not early)
+    if early:
+        # Weights on disk and the probe not cached: convert while the converter is asked, not after.
+        warm_converter(toolchain)
+        source = fetch_source.task(ref, metadata_folder, derived_from)
+        ahead = ConversionAhead(Path(source.path), content_key(source.files), request.outtype, toolchain)
+        try:
+            report = confirm_with_converter.task(report, ref, metadata_folder, toolchain)
+        except BaseException:
+            ahead.cancel()
+            raise
     lap("preflight", t0)
 
     t0 = time.perf_counter()
-    source = fetch_source.task(ref, metadata_folder, derived_from)
+    if not early:
+        source = fetch_source.task(ref, metadata_folder, derived_from)
     lap("fetch", t0)
 
     t0 = time.perf_counter()
@@ -117,9 +130,9 @@ def run_export(request: ExportRequest) -> Manifest:
     if report.chat is not None:
         ollama = write_modelfiles.task(out_dir, placed, report.chat.dialect, report.chat.verified, report.chat.system,
                                        licence_line(ref), request.ollama_name, lora_name)
-    outputs = [record_output(out_dir, name, quant) for quant, name in placed.items()]
+    outputs = [record_output(out_dir, name, quant, cached[quant]) for quant, name in placed.items()]
     if lora_name is not None:
-        outputs.append(record_output(out_dir, lora_name, "lora"))
+        outputs.append(record_output(out_dir, lora_name, "lora", lora_gguf))
     if quant_report is not None:
         write_report_files(quant_report, out_dir, choice)
     if ollama is not None:
@@ -174,9 +187,11 @@ def choose_quant_by_measuring(
     return request.model_copy(update={"quants": [choice.quant]}), choice, measured
 
 
-def record_output(out_dir: Path, name: str, quant: str) -> OutputFile:
+def record_output(out_dir: Path, name: str, quant: str, entry: Path | None = None) -> OutputFile:
+    """The manifest's line for one output; one placed from cache `entry` takes the entry's stamp."""
     path = out_dir / name
-    return OutputFile(path=name, quant=quant, size=path.stat().st_size, sha256=sha256_file(path))
+    digest = output_sha256(path, entry) if entry is not None else sha256_file(path)
+    return OutputFile(path=name, quant=quant, size=path.stat().st_size, sha256=digest)
 
 
 def licence_line(ref: SourceRef) -> str | None:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -47,21 +46,33 @@ def gguf_cache_path(content_key: str, variant: str, toolchain: Toolchain) -> Pat
     return cache_dir() / "gguf" / f"{content_key}-{variant}-{toolchain.cache_key}.gguf"
 
 
+def warm_converter(toolchain: Toolchain) -> None:
+    """Start the converter host's import now, so that the next `run_converter` finds it done."""
+    from tasks.converter_host import warm
+
+    root = Path(toolchain.converter_dir)
+    warm(root, converter_env(root))
+
+
 def run_converter(
     script: str,
     args: list[str],
     toolchain: Toolchain,
     on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[Any], None] | None = None,
 ) -> None:
     """Run one of the tree's converter scripts; raise `ConversionFailed` with its cause, not a traceback dump,
-    or `NotEnoughDisk` (the file, the bytes written, the writer's total) when its disk filled up."""
+    or `NotEnoughDisk` (the file, the bytes written, the writer's total) when its disk filled up.
+
+    It runs in a child of the warm converter host where there is one (`tasks.converter_host`).
+    `on_start` gets the running job (it has `kill()`)."""
+    from tasks.converter_host import start_job
+
     root = Path(toolchain.converter_dir)
-    cmd = [sys.executable, str(root / script), *args]
     tail: deque[str] = deque(maxlen=40)
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-        env=converter_env(root),
-    )
+    proc = start_job(root, script, args, converter_env(root))
+    if on_start:
+        on_start(proc)
     assert proc.stdout is not None
     total: int | None = None
     for raw in proc.stdout:
@@ -103,6 +114,7 @@ def convert_to_gguf(
     outtype: str,
     toolchain: Toolchain,
     on_line: Callable[[str], None] | None = None,
+    on_start: Callable[[Any], None] | None = None,
 ) -> tuple[Path, bool]:
     """The float GGUF for `model_dir`; returns (path, reused_from_cache)."""
     final = gguf_cache_path(content_key, outtype, toolchain)
@@ -117,11 +129,51 @@ def convert_to_gguf(
                 on_line(line)
 
         run_converter("convert_hf_to_gguf.py", ["--outtype", outtype, "--outfile", str(tmp), str(model_dir)],
-                      toolchain, watch)
+                      toolchain, watch, on_start)
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise ConversionFailed(f"the converter exited cleanly but wrote nothing for {model_dir}")
 
     return cached_build(final, build)
+
+
+class ConversionAhead:
+    """A base conversion started in the background while preflight's converter probe runs.
+
+    The export flow starts one where `tasks.preflight.conversion_can_start_early` allows. On a
+    refusal it calls `cancel`: the converter is killed and its temporary removed, like any failed
+    build's. Otherwise the convert step asks `cached_build` for the same entry, waits on the
+    entry's lock while this build finishes, and finds it done. A failure here is not reported:
+    the convert step builds again and reports its cause.
+    """
+
+    def __init__(self, model_dir: Path, content_key: str, outtype: str, toolchain: Toolchain) -> None:
+        import contextvars
+        import threading
+
+        self._job: Any = None
+        self._cancelled = threading.Event()
+        args = (model_dir, content_key, outtype, toolchain)
+        # The run's context goes along, so progress shows under the export as it would in the convert step.
+        self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run, *args),
+                                        name="kiln-conversion-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, *args: Any) -> None:
+        try:
+            convert_to_gguf(*args, on_start=self._started)
+        except Exception:
+            pass
+
+    def _started(self, job: Any) -> None:
+        self._job = job
+        if self._cancelled.is_set():
+            job.kill()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        if self._job is not None:
+            self._job.kill()
+        self._thread.join()
 
 
 def cached_build(final: Path, build: Callable[[Path], None]) -> tuple[Path, bool]:
@@ -164,6 +216,32 @@ def _step_of(exc: KilnError) -> str | None:
     from tasks.errors import QuantizationFailed
 
     return "convert" if isinstance(exc, ConversionFailed) else "quantize" if isinstance(exc, QuantizationFailed) else None
+
+
+def cache_entry_intact(path: Path) -> bool:
+    """Cheap check that a cache entry a Prefect record points at is still what was stamped.
+
+    The entry exists and was not modified after its sha256 stamp was written (outputs are hard
+    links to entries, so an output edited in place would show here). No hashing: that is the
+    point of the Prefect cache; `cached_build` re-hashes whenever the task really runs.
+    """
+    stamp = path.with_name(path.name + ".sha256")
+    try:
+        return path.stat().st_size > 0 and path.stat().st_mtime_ns <= stamp.stat().st_mtime_ns
+    except OSError:
+        return False
+
+
+def output_sha256(output: Path, entry: Path) -> str:
+    """sha256 of an output placed from a cache entry: the entry's stamp when the output is that
+    very file (a hard link) and it is intact, which saves reading every output back; else hashed."""
+    try:
+        same_file = os.path.samefile(output, entry)
+    except OSError:
+        same_file = False
+    if same_file and cache_entry_intact(entry):
+        return entry.with_name(entry.name + ".sha256").read_text().strip()
+    return sha256_file(output)
 
 
 def place_output(cached: Path, final: Path) -> None:

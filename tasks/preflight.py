@@ -16,7 +16,7 @@ import struct
 import tempfile
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from registry.models import Check, ExportRequest
 from registry.spec import BaseModelSpec
@@ -85,7 +85,7 @@ class PreflightReport(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     architecture: str
-    probe: ConverterProbe
+    probe: ConverterProbe | None = Field(None, description="None until the converter has been asked")
     params: int
     estimated_bytes: int
     checks: list[Check]
@@ -163,9 +163,13 @@ def _probe_cache_key(folder: Path, toolchain: Toolchain) -> str:
     return sha256_text("\n".join(parts))[:24]
 
 
+def probe_cache_file(folder: Path, toolchain: Toolchain) -> Path:
+    return cache_dir() / "probe" / f"{_probe_cache_key(folder, toolchain)}.json"
+
+
 def probe_converter(folder: Path, toolchain: Toolchain) -> ConverterProbe:
     """Ask the pinned converter what it would write, from config and tokenizer files alone (cached)."""
-    cache_file = cache_dir() / "probe" / f"{_probe_cache_key(folder, toolchain)}.json"
+    cache_file = probe_cache_file(folder, toolchain)
     if cache_file.is_file():
         return ConverterProbe.model_validate_json(cache_file.read_text())
     with tempfile.TemporaryDirectory(prefix="kiln-probe-") as tmp:
@@ -220,13 +224,8 @@ def read_gguf_probe(path: Path) -> ConverterProbe:
     )
 
 
-def check_spec(spec: BaseModelSpec, architecture: str, probe: ConverterProbe) -> None:
+def check_spec(spec: BaseModelSpec, probe: ConverterProbe) -> None:
     """The registry's claims must be what the converter really writes."""
-    if spec.architecture != architecture:
-        raise SpecMismatch(
-            f"registry entry {spec.key!r} says architecture {spec.architecture!r}, "
-            f"but config.json says {architecture!r}; fix the entry"
-        )
     if spec.gguf_arch != probe.gguf_arch:
         raise SpecMismatch(
             f"registry entry {spec.key!r} says gguf_arch {spec.gguf_arch!r}, "
@@ -284,8 +283,14 @@ def run_preflight(
     request: ExportRequest,
     toolchain: Toolchain,
     base_cached: bool = False,
+    ask_converter: bool = True,
 ) -> PreflightReport:
-    """Every check that needs no weights; raises the first refusal with its cause and fix."""
+    """Every check that needs no weights; raises the first refusal with its cause and fix.
+
+    The converter probe comes last, after every check that costs nothing. With
+    `ask_converter=False` it is left out (`probe` is None): the export flow then starts the base
+    conversion and runs `confirm_with_converter` beside it (see `conversion_can_start_early`).
+    """
     check_request(request, ref)
     wanted_dialect = request.dialect or (ref.spec.template if ref.spec else None)
     chat = choose_dialect(metadata_folder, wanted_dialect)
@@ -294,9 +299,11 @@ def run_preflight(
     config = read_config(metadata_folder)
     architecture = architecture_of(config, metadata_folder)
     check_architecture(architecture, toolchain)
-    probe = probe_converter(metadata_folder, toolchain)
-    if ref.spec is not None:
-        check_spec(ref.spec, architecture, probe)
+    if ref.spec is not None and ref.spec.architecture != architecture:
+        raise SpecMismatch(
+            f"registry entry {ref.spec.key!r} says architecture {ref.spec.architecture!r}, "
+            f"but config.json says {architecture!r}; fix the entry"
+        )
     if ref.kind in ("local", "demo"):
         params = local_weight_params(metadata_folder, ref.allow_pickle)
     elif ref.spec is not None:
@@ -307,15 +314,10 @@ def run_preflight(
     need = estimate_bytes(params, request, base_cached)
     check_disk([Path(request.out_dir), cache_dir()], need)
     checks = [
-        Check(name="architecture", target="source", passed=True, detail=f"{architecture} -> {probe.gguf_arch}"),
-        Check(name="pre-tokenizer", target="source", passed=True, detail=str(probe.tokenizer_pre)),
         Check(name="quant types", target="request", passed=True, detail=", ".join(request.quants) or "none"),
         Check(name="disk", target="request", passed=True, detail=f"needs about {need / 1e6:.0f} MB"),
+        _chat_check(chat),
     ]
-    if ref.spec is not None:
-        checks.append(Check(name="spec matches converter", target=ref.spec.key, passed=True,
-                            detail=f"gguf_arch={ref.spec.gguf_arch}, tokenizer_pre={ref.spec.tokenizer_pre}"))
-    checks.append(_chat_check(chat))
     adapter = None
     if request.adapter:
         from tasks.adapter import validate_adapter
@@ -324,8 +326,37 @@ def run_preflight(
         checks.append(Check(name="adapter", target=Path(request.adapter).name, passed=True,
                             detail=f"rank {adapter.rank}, alpha {adapter.alpha:g}, {adapter.adapted_weights} weights "
                                    f"over {', '.join(adapter.target_modules)}; mode {request.adapter_mode}"))
-    return PreflightReport(architecture=architecture, probe=probe, params=params, estimated_bytes=need,
-                           checks=checks, chat=chat, adapter=adapter)
+    report = PreflightReport(architecture=architecture, probe=None, params=params, estimated_bytes=need,
+                             checks=checks, chat=chat, adapter=adapter)
+    return confirm_with_converter(report, ref, metadata_folder, toolchain) if ask_converter else report
+
+
+@step(name="probe converter")
+def confirm_with_converter(report: PreflightReport, ref: SourceRef, metadata_folder: Path,
+                           toolchain: Toolchain) -> PreflightReport:
+    """Preflight's last check: what the pinned converter writes, and that a registry entry says the same."""
+    probe = probe_converter(metadata_folder, toolchain)
+    checks = [Check(name="architecture", target="source", passed=True, detail=f"{report.architecture} -> {probe.gguf_arch}"),
+              Check(name="pre-tokenizer", target="source", passed=True, detail=str(probe.tokenizer_pre))]
+    if ref.spec is not None:
+        check_spec(ref.spec, probe)
+        checks.append(Check(name="spec matches converter", target=ref.spec.key, passed=True,
+                            detail=f"gguf_arch={ref.spec.gguf_arch}, tokenizer_pre={ref.spec.tokenizer_pre}"))
+    return report.model_copy(update={"probe": probe, "checks": checks + report.checks})
+
+
+def conversion_can_start_early(ref: SourceRef, metadata_folder: Path, request: ExportRequest,
+                               toolchain: Toolchain) -> bool:
+    """Whether the export may start the base conversion while the converter probe runs.
+
+    Only where nothing is lost by it: the weights are already on this machine (so the probe saves
+    no download), the conversion runs here, every other check has passed first, and the probe is
+    not cached yet (a cached one answers at once). A refusal from the probe cancels the conversion;
+    the converter itself reaches the same refusals on the same files before reading any weight.
+    """
+    return (ref.kind in ("local", "demo") and ref.spec is None and request.placement == "local"
+            and not (request.adapter and request.adapter_mode == "peft")
+            and not probe_cache_file(metadata_folder, toolchain).is_file())
 
 
 def _chat_check(chat: DialectChoice | None) -> Check:

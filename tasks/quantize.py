@@ -5,6 +5,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
@@ -56,9 +58,19 @@ def estimated_size(params: int, quant: str) -> int:
     return int(params * BITS_PER_WEIGHT.get(quant, 16.0) / 8)
 
 
+@lru_cache(maxsize=None)
+def _slots(at_once: int) -> threading.BoundedSemaphore:
+    """Process-wide. The flow submits every quantization at once, so that Prefect's bookkeeping
+    for the next one overlaps the one running; this keeps libllama to `at_once` jobs together."""
+    return threading.BoundedSemaphore(at_once)
+
+
 @step(name="quantize")
-def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None) -> Path:
-    """Write `dst` as `quant` from the GGUF `src` (a cache entry: reused while its hash holds)."""
+def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None, at_once: int | None = None) -> Path:
+    """Write `dst` as `quant` from the GGUF `src` (a cache entry: reused while its hash holds).
+
+    With `at_once`, at most that many quantizations run libllama together in this process.
+    """
     import llama_cpp
 
     from tasks.convert import cached_build
@@ -73,7 +85,8 @@ def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None) 
     params.allow_requantize = True
 
     def build(tmp: Path) -> None:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        with _slots(at_once) if at_once else nullcontext():
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0:
             raise QuantizationFailed(f"libllama could not quantize {src.name} to {quant} (return code {rc})")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.model_folders import demo_copy, give_unknown_pre_tokenizer
 from tests.prefect_server import REPO_ROOT, PrefectServer
 
 PREFECT_YAML = REPO_ROOT / "deployments" / "prefect.yaml"
@@ -146,7 +147,7 @@ def test_prefect_cache_keys_follow_content_not_folders(toolchain):
 def test_a_cache_entry_changed_after_its_stamp_is_not_trusted(tmp_path):
     import os
 
-    from flows.convert_quantize import cache_entry_intact
+    from tasks.convert import cache_entry_intact
 
     entry = tmp_path / "x.gguf"
     entry.write_bytes(b"GGUF")
@@ -278,22 +279,33 @@ def test_batch_twice_the_second_run_converts_nothing(prefect_server, tmp_path):
     assert server.child_flow_runs(third["id"]) == []
 
 
-def test_a_failed_batch_item_does_not_stop_the_others(prefect_server, tmp_path):
+def test_a_failed_batch_item_does_not_stop_the_others(prefect_server, tmp_path, demo_model_dir, kiln_cache):
+    from tasks.fetch import fingerprint, model_files
+    from tasks.manifest import content_key
+
     server = prefect_server
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    # Weights on disk and a tokenizer never probed: its conversion starts beside the probe, which refuses.
+    unknown = demo_copy(demo_model_dir, tmp_path / "unknown-tokenizer")
+    give_unknown_pre_tokenizer(unknown)
     catalogue = tmp_path / "catalogue.yaml"
     catalogue.write_text(yaml.safe_dump({
         "out_root": str(tmp_path / "out"),
         "defaults": {"quants": ["q8_0"], "verify": False, "options": {"report": False}},
-        "bases": [{"source": str(broken), "name": "broken"}, {"source": "demo", "name": "fine"}],
+        "bases": [{"source": str(broken), "name": "broken"}, {"source": str(unknown), "name": "unknown"},
+                  {"source": "demo", "name": "fine"}],
     }))
     run, rows = _batch(server, catalogue)
     assert run["state"]["type"] == "FAILED"
-    assert "1 of 2 item(s) failed: broken" in run["state"]["message"]
-    assert [(r["item"], r["status"]) for r in rows] == [("broken", "failed"), ("fine", "completed")]
-    assert "convert_hf_to_gguf.py failed" in rows[0]["detail"]
+    assert "2 of 3 item(s) failed: broken, unknown" in run["state"]["message"]
+    assert [(r["item"], r["status"]) for r in rows] == [("broken", "failed"), ("unknown", "failed"), ("fine", "completed")]
+    assert "has no *.safetensors weights" in rows[0]["detail"]
+    assert "pre-tokenizer" in rows[1]["detail"] and "chkhsh" in rows[1]["detail"]
+    key = content_key(fingerprint(model_files(unknown), unknown))
+    left = [p.name for p in (kiln_cache / "gguf").iterdir() if key in p.name and not p.name.endswith(".lock")]
+    assert left == [], "the refused item's conversion left files in the cache"
     assert (tmp_path / "out" / "fine" / "manifest.json").is_file()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from tasks.errors import (
 from tasks.fetch import parse_source
 from tasks.preflight import run_preflight
 from tests.kiln_cli import run_kiln
+from tests.model_folders import demo_copy, give_unknown_pre_tokenizer
 
 METADATA = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -43,15 +43,8 @@ def preflight(folder: Path, out: Path, spec_key: str | None = None, **request_fi
 
 @pytest.fixture
 def model_copy(demo_model_dir: Path, tmp_path: Path) -> Path:
-    """A private copy of the demo folder (weights hard-linked) to break in one way per test."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for item in demo_model_dir.iterdir():
-        if item.name.endswith(".safetensors"):
-            (folder / item.name).hardlink_to(item)
-        elif item.is_file():
-            shutil.copy(item, folder / item.name)
-    return folder
+    """A private copy of the demo folder to break in one way per test."""
+    return demo_copy(demo_model_dir, tmp_path / "model")
 
 
 def test_the_demo_folder_passes_and_says_what_the_converter_writes(model_copy, tmp_path, toolchain):
@@ -97,19 +90,7 @@ def test_unknown_architecture_is_refused(model_copy, tmp_path):
 
 
 def test_unknown_pre_tokenizer_is_refused(model_copy, tmp_path):
-    """A BPE tokenizer trained here on a few lines has a pre-tokenizer hash no converter lists."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"])
-    tokenizer.train_from_iterator(["the quick brown fox", "jumps over the lazy dog", "kiln fires clay"] * 20, trainer)
-    tokenizer.save(str(model_copy / "tokenizer.json"))
-    (model_copy / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    config = json.loads((model_copy / "config.json").read_text())
-    config["vocab_size"] = tokenizer.get_vocab_size()
-    (model_copy / "config.json").write_text(json.dumps(config))
+    give_unknown_pre_tokenizer(model_copy)
     with pytest.raises(PreTokenizerUnknown, match="chkhsh [0-9a-f]{64}"):
         preflight(model_copy, tmp_path / "out")
 
