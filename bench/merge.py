@@ -8,11 +8,16 @@ projections with random lora_B, and a synthetic model with the same shapes and F
 layers (layer i is a copy of demo layer i mod 30) with the adapter tiled the same way.
 
 Each mode runs in a fresh subprocess with its own empty KILN_CACHE_DIR, so nothing it produces
-comes from a cache: `merge` runs validation, convert_lora_to_gguf.py and the streaming merge;
+comes from a cache: `merge` runs validation and then what `--adapter-mode merge` runs
+(`apply_adapter`): learning the layout from the base GGUF, the streaming merge, and
+convert_lora_to_gguf.py only if the layout cannot be learned (the steps column says which ran);
 `peft` runs validation, transformers + peft merge_and_unload + save, and convert_hf_to_gguf.py.
-Peak memory is the largest of: the child's own ru_maxrss, its children's (the converter
-subprocess, via RUSAGE_CHILDREN read inside the child), and the summed RSS of the whole process
-tree polled every 20 ms. Wall time is measured from outside, interpreter start-up included.
+The "(step only)" rows run the streaming merge alone, from the merge run's cached intermediate
+(the learned layout). Peak memory is the largest of: the child's own ru_maxrss, its children's
+(a converter subprocess, via RUSAGE_CHILDREN read inside the child), and the summed RSS of the
+whole process tree polled every 20 ms. Converters run as plain subprocesses
+(KILN_CONVERTER_HOST=0): summed RSS would count the pages a forked job shares with the warm
+converter host twice. Wall time is measured from outside, interpreter start-up included.
 """
 
 from __future__ import annotations
@@ -48,29 +53,26 @@ def _child(kind: str, spec: dict) -> dict:
         timings[name] = round(time.perf_counter() - started, 3)
 
     if kind == "merge":
-        from tasks.adapter import (
-            convert_adapter_to_gguf,
-            merge_lora_gguf,
-            validate_adapter,
-        )
+        from tasks.adapter import apply_adapter, validate_adapter
         from tasks.toolchain import current_toolchain
 
         t = time.perf_counter()
         info = validate_adapter(Path(spec["adapter"]), Path(spec["base_dir"]), None, mode="merge")
         lap("validate", t)
         t = time.perf_counter()
-        lora, reused = convert_adapter_to_gguf(Path(spec["adapter"]), Path(spec["base_dir"]), current_toolchain(), info=info)
-        assert not reused, "the benchmark must not reuse a cached GGUF LoRA"
-        lap("convert_lora", t)
-        t = time.perf_counter()
-        merge_lora_gguf(Path(spec["base_gguf"]), lora, Path(spec["out"]))
-        lap("stream_merge", t)
-        extra["lora"] = str(lora)
+        out = apply_adapter(info, "merge", base_dir=Path(spec["base_dir"]), base_gguf=Path(spec["base_gguf"]),
+                            base_key="bench", toolchain=current_toolchain())
+        assert not out.reused, "the benchmark must not reuse a cached merge"
+        lap("merge (converter)" if out.lora_gguf else "merge (layout)", t)
+        shutil.copyfile(out.gguf, spec["out"])
+        extra["info"] = info.model_dump_json()
+        extra["cache"] = os.environ["KILN_CACHE_DIR"]
     elif kind == "merge-step":
-        from tasks.adapter import merge_lora_gguf
+        from tasks.adapter import AdapterInfo, merge_peft_adapter
 
+        info = AdapterInfo.model_validate_json(spec["info"])
         t = time.perf_counter()
-        merge_lora_gguf(Path(spec["base_gguf"]), Path(spec["lora"]), Path(spec["out"]))
+        merge_peft_adapter(Path(info.path), Path(spec["base_dir"]), Path(spec["base_gguf"]), Path(spec["out"]), info)
         lap("stream_merge", t)
     elif kind == "peft":
         from tasks.adapter import peft_merge_to_gguf, validate_adapter
@@ -214,6 +216,9 @@ def main() -> None:
     base_env = dict(os.environ)
     base_env["LLAMA_CPP_DIR"] = toolchain.converter_dir  # the same pinned tree, without the parent's cache
     base_env["PYTHONPATH"] = os.pathsep.join([str(REPO), base_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # Converters as plain subprocesses: a warm converter host's forks share its pages, and summed RSS
+    # would count them twice, inflating the peft mode's peak.
+    base_env["KILN_CONVERTER_HOST"] = "0"
 
     def fresh_env() -> dict[str, str]:
         env = dict(base_env)
@@ -255,11 +260,13 @@ def main() -> None:
         out.unlink(missing_ok=True)
         print(f"running {label} ...", flush=True)
         results[label] = best_of(args.repeat, lambda: run_child(kind, {**spec, "out": str(out)}, fresh_env()))
-        if kind == "merge":  # the merge step alone, from the GGUF LoRA the run above made (a cached intermediate)
-            lora = results[label]["lora"]
+        if kind == "merge":  # the merge step alone, from the layout the run above learned (a cached intermediate)
+            merged = results[label]
             step_out = work / f"out-{label.replace(' ', '-')}-step.gguf"
+            step_env = {**base_env, "KILN_CACHE_DIR": merged["cache"]}
             results[f"{label} (step only)"] = best_of(args.repeat, lambda: run_child(
-                "merge-step", {"base_gguf": spec["base_gguf"], "lora": lora, "out": str(step_out)}, fresh_env()))
+                "merge-step", {"base_dir": spec["base_dir"], "base_gguf": spec["base_gguf"], "info": merged["info"],
+                               "out": str(step_out)}, step_env))
 
     print()
     print(f"{'run':<24}{'wall s':>9}{'peak MB':>10}{'self MB':>10}{'children MB':>13}{'polled MB':>11}  steps")

@@ -184,6 +184,9 @@ def convert_and_quantize(
                                      base_key=key, toolchain=toolchain, outtype=request.outtype)
         logger.info("adapter %s (%s): %s", adapter.sha256[:12], request.adapter_mode,
                     "reused" if applied.reused else f"applied in {applied.seconds:g} s")
+        if request.adapter_mode == "merge" and applied.lora_gguf:
+            logger.warning("the adapter's place in the base could not be read off the base's conversion; "
+                           "it went through convert_lora_to_gguf.py (%s)", Path(applied.lora_gguf).name)
         base = Path(applied.gguf)
         # Quantizations of a merged model are cache entries of their own.
         key = f"{key}-{adapter.sha256[:16]}"

@@ -66,10 +66,11 @@ def run_export(request: ExportRequest) -> Manifest:
     ref = source_ref(request)
     metadata_folder, derived_from = locate_metadata(ref)
     early = conversion_can_start_early(ref, metadata_folder, request, toolchain)
+    if early:
+        warm_converter(toolchain)  # its import overlaps the checks below
     report = run_preflight.task(ref, metadata_folder, request, toolchain, ask_converter=not early)
     if early:
         # Weights on disk and the probe not cached: convert while the converter is asked, not after.
-        warm_converter(toolchain)
         source = fetch_source.task(ref, metadata_folder, derived_from)
         ahead = ConversionAhead(Path(source.path), content_key(source.files), request.outtype, toolchain)
         try:

@@ -2,11 +2,18 @@
 
 Three modes (`AdapterMode`):
 
-- `merge` (default): the adapter goes through the pinned `convert_lora_to_gguf.py`, so it gets the
-  same tensor names and Q/K row permutations as the cached base conversion; then `merge_lora_gguf`
-  adds `scale · B @ A` to each adapted tensor of the base's float GGUF, reading both files
-  memory-mapped and writing the merged GGUF one tensor at a time (peak memory: a few tensors).
-- `adapter`: the base GGUF plus the GGUF LoRA, which the Modelfile names on an `ADAPTER` line.
+- `merge` (default): `W + scale · B @ A` is streamed into a copy of the base's cached float GGUF,
+  one tensor at a time from memory-mapped inputs (peak memory: a few tensors). The LoRA must land
+  on the GGUF tensors exactly as llama.cpp's converter would put it: under the converter's names,
+  with lora_B's rows permuted the way it permutes the base's (llama's Q/K). Both are read off the
+  converter's own output for this base (`learn_lora_layout`): each adapted HF weight is found in
+  the base GGUF by gguf-py's name map and verified row by row against its bytes there, and the
+  peft adapter is merged from its safetensors directly (`merge_peft_adapter`). Only where that
+  cannot be learned (`LoraLayoutUnknown`) does the pinned `convert_lora_to_gguf.py` run, and its
+  GGUF LoRA is merged instead (`merge_lora_gguf`): it imports torch, which costs more memory than
+  the whole streaming merge.
+- `adapter`: the base GGUF plus the GGUF LoRA by `convert_lora_to_gguf.py`, which the Modelfile
+  names on an `ADAPTER` line: the shipped file is the converter's own.
 - `peft`: the reference: transformers + peft `merge_and_unload`, save, convert. It covers what the
   GGUF LoRA format cannot carry (DoRA, `modules_to_save`, a resized vocabulary, bias terms).
 
@@ -14,18 +21,20 @@ Scaling. llama.cpp (and so Ollama, and `merge_lora_gguf`) applies a GGUF LoRA as
 `W + (alpha / r) · B @ A`, with `alpha` the file's single `adapter.lora.alpha` and `r` each tensor's
 own rank (`lora_b`'s inner dimension); `alpha == 0` means scale 1. peft's scale is
 `alpha_i / r_i`, or `alpha_i / sqrt(r_i)` with `use_rslora`, where `alpha_pattern` may give a
-module its own alpha. Where the two differ (rslora, an `alpha_pattern`), `convert_adapter_to_gguf`
-converts a staged copy whose `lora_B` carries the ratio, so the GGUF LoRA means exactly what peft
-means, in `adapter` mode as in `merge` mode.
+module its own alpha. `merge_peft_adapter` applies peft's own scale. Where the two differ
+(rslora, an `alpha_pattern`), `convert_adapter_to_gguf` converts a staged copy whose `lora_B`
+carries the ratio, so the GGUF LoRA means exactly what peft means, in `adapter` mode as in the
+`merge` mode's fallback.
 
 Everything here is plain Python; the heavy imports (torch, transformers, peft) happen only inside
-the `peft` mode and when a base folder holds no weights to read shapes from.
+the `peft` mode, the converter subprocess, and when a base folder holds no weights to read shapes from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import mmap
 import os
@@ -34,7 +43,7 @@ import shutil
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -46,7 +55,13 @@ from registry.spec import BaseModelSpec
 from tasks.convert import cached_build, gguf_cache_path, run_converter
 from tasks.errors import ConversionFailed, KilnError
 from tasks.fetch import fingerprint, model_files, read_config
-from tasks.files import TEMP_PREFIX, atomic_path, read_json_object
+from tasks.files import (
+    TEMP_PREFIX,
+    atomic_path,
+    cache_dir,
+    read_json_object,
+    write_text_atomic,
+)
 from tasks.progress import progress_reporter
 from tasks.step import step
 from tasks.toolchain import Toolchain
@@ -66,6 +81,8 @@ _LORA_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A
 _DORA_RE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?$")
 _LORA_GGUF_SUFFIXES = (".lora_a", ".lora_b")
 
+logger = logging.getLogger(__name__)
+
 
 class AdapterIncompatible(KilnError):
     """The adapter does not fit the base (another base, another vocabulary, targets it lacks)."""
@@ -77,6 +94,13 @@ class AdapterModeUnsupported(KilnError):
 
 class MergeFailed(KilnError):
     """A streaming merge met GGUF files that do not belong together."""
+
+
+class LoraLayoutUnknown(KilnError):
+    """The base's own conversion does not show where an adapter's tensors go in its GGUF (the reason says why).
+
+    Internal: `apply_adapter` answers it by running `convert_lora_to_gguf.py` instead.
+    """
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,7 +171,9 @@ class AdapterOutput(BaseModel):
     mode: AdapterMode
     adapter_sha256: str
     gguf: str = Field(..., description="merge/peft: the merged float GGUF that quantization starts from; adapter: the base GGUF.")
-    lora_gguf: str | None = Field(None, description="The GGUF LoRA (adapter mode: the Modelfile's ADAPTER; merge: its input).")
+    lora_gguf: str | None = Field(
+        None, description="The GGUF LoRA (adapter mode: the Modelfile's ADAPTER; merge: its input, when the converter ran)."
+    )
     reused: bool = Field(False, description="The result came from the cache.")
     seconds: float = 0.0
 
@@ -159,6 +185,11 @@ class AdapterOutput(BaseModel):
 
 def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
     """The tensor table of a .safetensors file (name -> dtype, shape, offsets), read from its header only."""
+    return _safetensors_table(path)[0]
+
+
+def _safetensors_table(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
+    """The tensor table of a .safetensors file and the file offset its data_offsets count from."""
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) != 8:
@@ -170,8 +201,10 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
             header = json.loads(fh.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterIncompatible(f"{path}: unreadable safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise AdapterIncompatible(f"{path}: unreadable safetensors header (not an object)")
     header.pop("__metadata__", None)
-    return header
+    return header, 8 + length
 
 
 def _adapter_weights_file(adapter_dir: Path) -> Path:
@@ -695,28 +728,45 @@ def convert_adapter_to_gguf(
 
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+_ST_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+def _as_f32(raw: np.ndarray, dtype: str, shape: tuple[int, ...], where: str) -> np.ndarray:
+    """Raw safetensors bytes (a uint8 array, e.g. a memory-mapped slice) as a new float32 array of `shape`.
+
+    Exact for bf16, f16 and f32: the widening the converter does before it writes a tensor.
+    """
+    if dtype == "BF16":
+        arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    elif dtype in _ST_DTYPES:
+        arr = raw.view(_ST_DTYPES[dtype]).astype(np.float32)
+    else:
+        raise AdapterIncompatible(f"{where} has dtype {dtype}; expected a float type")
+    return arr.reshape(shape)
+
+
+def _st_tensor_f32(mm: np.memmap, data_start: int, name: str, meta: dict[str, Any], path: Path) -> np.ndarray:
+    """One tensor of a memory-mapped safetensors file as float32; its pages are released after the copy."""
+    start, end = (data_start + int(o) for o in meta["data_offsets"])
+    arr = _as_f32(mm[start:end], meta["dtype"], tuple(meta["shape"]), f"{path}: tensor {name}")
+    _release(mm, start, end - start)
+    return arr
 
 
 def _read_safetensors_f32(path: Path) -> dict[str, np.ndarray]:
     """Every tensor of a safetensors file as float32 numpy (bf16 included), without torch."""
-    header = safetensors_header(path)
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        fh.seek(8 + length)
-        blob = fh.read()
-    out: dict[str, np.ndarray] = {}
-    for name, meta in header.items():
-        start, end = meta["data_offsets"]
-        raw = blob[start:end]
-        dtype = meta["dtype"]
-        if dtype == "BF16":
-            arr = (np.frombuffer(raw, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif dtype in _ST_DTYPES:
-            arr = np.frombuffer(raw, dtype=_ST_DTYPES[dtype]).astype(np.float32)
-        else:
-            raise AdapterIncompatible(f"{path}: tensor {name} has dtype {dtype}; expected a float type")
-        out[name] = arr.reshape(meta["shape"])
-    return out
+    header, data_start = _safetensors_table(path)
+    mm = np.memmap(path, mode="r")
+    try:
+        return {name: _st_tensor_f32(mm, data_start, name, meta, path) for name, meta in header.items()}
+    finally:
+        del mm
+
+
+def _peft_scale(info: AdapterInfo, module: str, rank: int) -> float:
+    """peft's scale for one module: alpha_i / r, or alpha_i / sqrt(r) with use_rslora (peft's LoraLayer)."""
+    alpha_i = float(_pattern_value(info.alpha_pattern, module, info.alpha))
+    return alpha_i / (math.sqrt(rank) if info.use_rslora else rank)
 
 
 def fold_scale_into_lora_b(adapter_dir: Path, dest: Path, info: AdapterInfo) -> None:
@@ -739,12 +789,9 @@ def fold_scale_into_lora_b(adapter_dir: Path, dest: Path, info: AdapterInfo) -> 
         m = _LORA_RE.match(name.removeprefix(_PEFT_PREFIX))
         if not m or m["part"] not in ("lora_B", "lora_embedding_B"):
             continue
-        module = m["module"]
         r = tensors[name].shape[1]
-        alpha_i = float(_pattern_value(info.alpha_pattern, module, info.alpha))
-        peft_scale = alpha_i / (math.sqrt(r) if info.use_rslora else r)
         llama_scale = info.alpha / r
-        tensors[name] = np.ascontiguousarray(tensors[name] * np.float32(peft_scale / llama_scale))
+        tensors[name] = np.ascontiguousarray(tensors[name] * np.float32(_peft_scale(info, m["module"], r) / llama_scale))
     dest.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(dest / "adapter_model.safetensors"))
     shutil.copyfile(adapter_dir / ADAPTER_CONFIG, dest / ADAPTER_CONFIG)
@@ -877,7 +924,10 @@ _FAULT_AROUND = 256 * 1024
 def _release(mm: np.memmap, offset: int, nbytes: int) -> None:
     """Drop a memory-mapped range (and its fault-around margin) from this process's resident set.
 
-    The page cache keeps the pages; a later read of the same range simply maps them again.
+    The page cache keeps the pages; a later read of the same range simply maps them again. The
+    kernel may also map pages well beyond the margin while it reads ahead of a sequential pass
+    (large folios), so the readers here also map a file afresh for each tensor and let that
+    mapping go with the tensor: whatever it mapped leaves with it.
     """
     raw = getattr(mm, "_mmap", None)
     if raw is None or nbytes <= 0 or not hasattr(raw, "madvise"):
@@ -906,15 +956,21 @@ def _tensor_f32(mm: np.memmap, info: GGUFTensorInfo) -> np.ndarray:
 
 
 _ROW_CHUNK = 1024
+# The base tensor types the merge reads and writes itself; a quantized base would be requantized.
+_FLOAT_QTYPES = (0, 1, 30)  # GGMLQuantizationType F32, F16, BF16
+
+# One adapted tensor's LoRA, in the converter's convention: lora_a [r, in], lora_b [out, r] (for
+# token_embd, lora_a [n_vocab, r] and lora_b [n_embd, r]), float32, and the scale of `lora_b @ lora_a`.
+LoraPair = tuple[np.ndarray, np.ndarray, float]
 
 
 def _write_merged(out: Any, mm: np.memmap, info: GGUFTensorInfo, lora_a: np.ndarray, lora_b: np.ndarray,
-                  alpha: float, embedding: bool) -> None:
+                  scale: float, embedding: bool) -> None:
     """Write `W + scale · delta` for one base tensor, in its own type, a block of rows at a time."""
     from gguf import GGMLQuantizationType, quants
 
     qtype = GGMLQuantizationType(info.ggml_type)
-    if qtype not in (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16):
+    if qtype not in _FLOAT_QTYPES:
         raise MergeFailed(
             f"{info.name} is {qtype.name} in the base GGUF; the streaming merge needs a float base "
             "(f32, f16 or bf16) and quantizes afterwards"
@@ -931,12 +987,11 @@ def _write_merged(out: Any, mm: np.memmap, info: GGUFTensorInfo, lora_a: np.ndar
         raise MergeFailed(
             f"{info.name}: LoRA a{list(lora_a.shape)} b{list(lora_b.shape)} does not fit the base's [{rows}, {cols}]"
         )
-    # llama.cpp: scale = alpha ? alpha / rank : 1, with rank = lora_b's ne[0].
-    scale = np.float32(alpha / rank if alpha else 1.0)
+    factor = np.float32(scale)
     if embedding:
-        left, right = lora_a * scale, lora_b.T
+        left, right = lora_a * factor, lora_b.T
     else:
-        left, right = lora_b * scale, lora_a
+        left, right = lora_b * factor, lora_a
     row_bytes = info.nbytes // rows
     for r0 in range(0, rows, _ROW_CHUNK):
         r1 = min(rows, r0 + _ROW_CHUNK)
@@ -985,21 +1040,58 @@ def _copy_range(src: Any, dst: Any, start: int, length: int) -> None:
         remaining -= len(chunk)
 
 
+def _stream_merge(
+    base_gguf: Path,
+    out_path: Path,
+    loras: Mapping[str, Callable[[], LoraPair]],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write the base GGUF with `W + scale · lora_b @ lora_a` for each tensor `loras` names; returns `out_path`.
+
+    `loras` maps a base tensor name to a loader of its `LoraPair`, called when the merge reaches
+    that tensor, so only one pair is in memory at a time. The delta is computed in float32 from
+    the memory-mapped base and rounded once to the tensor's type (`token_embd` takes
+    `lora_a @ lora_b.T`, the converter's convention). Everything else is copied byte for byte.
+    Peak memory is one block of rows plus one pair, whatever the model's size; the output is
+    written under a temporary name and renamed when complete.
+    """
+    base_gguf, out_path = Path(base_gguf), Path(out_path)
+    base = read_gguf_layout(base_gguf)
+    base_by_name = {t.name: t for t in base.tensors}
+    missing = sorted(n for n in loras if n not in base_by_name)
+    if missing:
+        raise MergeFailed(f"the LoRA adapts {', '.join(missing[:4])}, which the base GGUF {base_gguf.name} does not hold")
+    adapted = sorted((base_by_name[n] for n in loras), key=lambda t: t.offset)
+    with atomic_path(out_path) as tmp, open(base_gguf, "rb") as src, open(tmp, "wb") as out:
+        cursor = 0
+        for i, t in enumerate(adapted):
+            _copy_range(src, out, cursor, t.offset - cursor)  # everything up to this tensor, as is
+            lora_a, lora_b, scale = loras[t.name]()
+            _write_merged(out, np.memmap(base_gguf, mode="r"), t, lora_a, lora_b, scale,
+                          embedding=t.name.startswith("token_embd."))
+            cursor = t.offset + t.nbytes
+            if on_progress:
+                on_progress(i + 1, len(adapted))
+        _copy_range(src, out, cursor, base.file_size - cursor)
+        out.flush()
+        if out.tell() != base.file_size:
+            raise MergeFailed(f"merged GGUF has {out.tell()} bytes, the base {base.file_size}: write failed")
+    return out_path
+
+
 def merge_lora_gguf(
     base_gguf: Path,
     lora_gguf: Path,
     out_path: Path,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Merge a GGUF LoRA into a float GGUF, tensor by tensor; returns `out_path`.
+    """Merge a GGUF LoRA into a float GGUF, tensor by tensor (`_stream_merge`); returns `out_path`.
 
-    `W' = W + (alpha / r) · lora_b @ lora_a` for each adapted tensor (llama.cpp's own rule; for
-    `token_embd`, `lora_a @ lora_b.T`), computed in float32 from memory-mapped inputs and rounded
-    once to the base tensor's type. Everything else is copied byte for byte. Peak memory is one
-    block of rows plus the LoRA pair, whatever the model's size; the output is written under a
-    temporary name and renamed when complete.
+    Each pair is scaled by llama.cpp's own rule, `alpha / r` with the file's single alpha and the
+    tensor's rank (`alpha == 0`: 1), so the merged file says what the base plus the GGUF LoRA say
+    in llama.cpp.
     """
-    base_gguf, lora_gguf, out_path = Path(base_gguf), Path(lora_gguf), Path(out_path)
+    base_gguf, lora_gguf = Path(base_gguf), Path(lora_gguf)
     base = read_gguf_layout(base_gguf)
     lora = read_gguf_layout(lora_gguf)
     if lora.metadata.get("general.type") != "adapter" or lora.metadata.get("adapter.type") != "lora":
@@ -1018,37 +1110,252 @@ def merge_lora_gguf(
                 "applies LoRA pairs only (use --adapter-mode peft)"
             )
         pairs.setdefault(t.name[: -len(suffix)], {})[suffix] = t
-    base_by_name = {t.name: t for t in base.tensors}
     for name, pair in pairs.items():
         if len(pair) != 2:
             raise MergeFailed(f"{lora_gguf}: {name} lacks its {'lora_b' if '.lora_a' in pair else 'lora_a'}")
-        if name not in base_by_name:
-            raise MergeFailed(f"{lora_gguf} adapts {name}, which the base GGUF {base_gguf.name} does not hold")
 
-    base_mm = np.memmap(base_gguf, mode="r")
-    lora_mm = np.memmap(lora_gguf, mode="r")
-    adapted = sorted((base_by_name[n] for n in pairs), key=lambda t: t.offset)
-    try:
-        with atomic_path(out_path) as tmp, open(base_gguf, "rb") as src, open(tmp, "wb") as out:
-            cursor = 0
-            for i, t in enumerate(adapted):
-                _copy_range(src, out, cursor, t.offset - cursor)  # everything up to this tensor, as is
-                pair = pairs[t.name]
-                a_info, b_info = pair[".lora_a"], pair[".lora_b"]
-                lora_a, lora_b = _tensor_f32(lora_mm, a_info), _tensor_f32(lora_mm, b_info)
-                for lt in (a_info, b_info):
-                    _release(lora_mm, lt.offset, lt.nbytes)
-                _write_merged(out, base_mm, t, lora_a, lora_b, alpha, embedding=t.name.startswith("token_embd."))
-                cursor = t.offset + t.nbytes
-                if on_progress:
-                    on_progress(i + 1, len(adapted))
-            _copy_range(src, out, cursor, base.file_size - cursor)
-            out.flush()
-            if out.tell() != base.file_size:
-                raise MergeFailed(f"merged GGUF has {out.tell()} bytes, the base {base.file_size}: write failed")
-    finally:
-        del base_mm, lora_mm
-    return out_path
+    def load(name: str) -> LoraPair:
+        lora_mm = np.memmap(lora_gguf, mode="r")  # this pair's own mapping (see `_release`)
+        lora_a, lora_b = _tensor_f32(lora_mm, pairs[name][".lora_a"]), _tensor_f32(lora_mm, pairs[name][".lora_b"])
+        # llama.cpp: scale = alpha ? alpha / rank : 1, with rank = lora_b's ne[0].
+        rank = lora_b.shape[-1]
+        return lora_a, lora_b, (alpha / rank if alpha else 1.0)
+
+    return _stream_merge(base_gguf, out_path, {name: (lambda n=name: load(n)) for name in pairs}, on_progress)
+
+
+# --------------------------------------------------------------------------------------------
+# Merging a peft adapter without the converter
+#
+# The converter's naming and row permutations still govern the merge; they are read off its own
+# output for this base instead of being re-derived. The base GGUF was written by the pinned
+# converter from the base folder's weights, so for each HF weight an adapter targets it holds a
+# tensor whose rows are the HF rows, permuted or not: `W_gguf = W_hf[perm]`. The converter treats
+# lora_B's rows (the output dimension) exactly as it treats the weight's, so the delta in GGUF
+# space is `B[perm] @ A`. The candidate name comes from gguf-py's tensor name map (the table the
+# converter maps names with), and the data decides: the HF tensor, cast to the GGUF tensor's type
+# as the converter casts it, must equal the GGUF tensor byte for byte, either as is or row for
+# row under one permutation. Anything else (a tensor the converter splits, fuses, transposes or
+# rescales; a name the map lacks; duplicate rows that leave the permutation open) is
+# `LoraLayoutUnknown`, and the converter runs after all.
+# --------------------------------------------------------------------------------------------
+
+
+class LoraTarget(BaseModel):
+    """Where one HF weight sits in the base GGUF."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gguf_name: str
+    perm: list[int] | None = Field(None, description="GGUF row i is HF row perm[i]; None: the rows are in HF order.")
+
+
+class LoraLayout(BaseModel):
+    """HF weight name -> its GGUF tensor, learned from one base GGUF and verified against its bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_gguf: str = Field(..., description="The base GGUF's file name (a cache entry's name: content, outtype, toolchain).")
+    base_size: int
+    base_mtime_ns: int
+    targets: dict[str, LoraTarget]
+
+
+def lora_layout_cache_path(base_gguf: Path, hf_weight_names: Iterable[str]) -> Path:
+    """The cached layout of (base GGUF, set of HF weights); the base's cache name already names its content."""
+    digest = hashlib.sha256("\n".join(sorted(set(hf_weight_names))).encode()).hexdigest()[:16]
+    return cache_dir() / "lora-layout" / f"{Path(base_gguf).name}-{digest}.json"
+
+
+def learn_lora_layout(base_dir: Path, base_gguf: Path, hf_weight_names: Iterable[str]) -> LoraLayout:
+    """Where each HF weight of `base_dir` went in `base_gguf` (its name and row order), verified by data.
+
+    Raises `LoraLayoutUnknown` naming the weight that cannot be placed. Reads one tensor at a time,
+    memory-mapped and released as it goes. Cached as JSON per (base GGUF, weight names).
+    """
+    base_dir, base_gguf = Path(base_dir), Path(base_gguf)
+    names = sorted(set(hf_weight_names))
+    cache = lora_layout_cache_path(base_gguf, names)
+    stat = base_gguf.stat()
+    if cache.is_file():
+        try:
+            cached = LoraLayout.model_validate_json(cache.read_text(encoding="utf-8"))
+        except ValueError:
+            cached = None  # a damaged entry is learned again
+        if (cached is not None and sorted(cached.targets) == names
+                and (cached.base_size, cached.base_mtime_ns) == (stat.st_size, stat.st_mtime_ns)):
+            return cached
+
+    import gguf
+
+    base = read_gguf_layout(base_gguf)
+    arch_name = base.metadata.get("general.architecture")
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}.get(arch_name)
+    block_count = base.metadata.get(f"{arch_name}.block_count")
+    if arch is None or not isinstance(block_count, int):
+        raise LoraLayoutUnknown(
+            f"{base_gguf.name}: architecture {arch_name!r} with block_count {block_count!r} is not in gguf-py's tensor map"
+        )
+    name_map = gguf.get_tensor_name_map(arch, block_count)
+    base_by_name = {t.name: t for t in base.tensors}
+    tables = _safetensors_tables(base_dir)
+    targets: dict[str, LoraTarget] = {}
+    for name in names:
+        gguf_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise LoraLayoutUnknown(f"{name}: gguf-py's {arch_name} tensor map has no GGUF name for it")
+        if gguf_name not in base_by_name:
+            raise LoraLayoutUnknown(f"{name}: the base GGUF {base_gguf.name} holds no {gguf_name}")
+        if name not in tables:
+            raise LoraLayoutUnknown(f"{name}: no safetensors file in {base_dir} holds it")
+        path, data_start, meta = tables[name]
+        # Each tensor on its own mappings of both files (see `_release`).
+        perm = _learn_rows(f"{name} -> {gguf_name}", np.memmap(path, mode="r"), data_start, meta,
+                           np.memmap(base_gguf, mode="r"), base_by_name[gguf_name])
+        targets[name] = LoraTarget(gguf_name=gguf_name, perm=perm)
+    seen: dict[str, str] = {}
+    for name, target in targets.items():
+        if target.gguf_name in seen:  # e.g. a tensor the converter shares between two weights
+            raise LoraLayoutUnknown(f"{name} and {seen[target.gguf_name]} both map to {target.gguf_name}")
+        seen[target.gguf_name] = name
+    layout = LoraLayout(base_gguf=base_gguf.name, base_size=stat.st_size, base_mtime_ns=stat.st_mtime_ns, targets=targets)
+    write_text_atomic(cache, layout.model_dump_json(exclude_defaults=True))
+    return layout
+
+
+def _safetensors_tables(base_dir: Path) -> dict[str, tuple[Path, int, dict[str, Any]]]:
+    """HF weight name -> (safetensors file, its data start, the tensor's header entry), over every shard."""
+    index = base_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json_object(index, LoraLayoutUnknown, "the converter reads the base instead").get("weight_map") or {}
+        shards = [base_dir / str(n) for n in sorted(set(weight_map.values()))]
+    else:
+        shards = sorted(base_dir.glob("*.safetensors"))
+    tables: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+    for shard in shards:
+        if not shard.is_file():
+            raise LoraLayoutUnknown(f"{base_dir}: the shard {shard.name} the index names is missing")
+        header, data_start = _safetensors_table(shard)
+        tables.update({name: (shard, data_start, meta) for name, meta in header.items()})
+    return tables
+
+
+def _learn_rows(label: str, st_mm: np.memmap, data_start: int, meta: dict[str, Any], base_mm: np.memmap,
+                info: GGUFTensorInfo) -> list[int] | None:
+    """The row permutation that takes the HF tensor to the GGUF one (None: identity), checked byte for byte.
+
+    The HF rows are cast to the GGUF tensor's type the way the converter casts them, a block at a
+    time, so both sides compare as bytes: kept as they are where the types agree (the converter
+    hands f16 and f32 to numpy unchanged), else widened to float32 and put through gguf-py's
+    `quants.quantize`.
+    """
+    from gguf import GGMLQuantizationType, quants
+
+    qtype = GGMLQuantizationType(info.ggml_type)
+    if qtype not in _FLOAT_QTYPES:
+        raise LoraLayoutUnknown(f"{label}: the base GGUF stores it as {qtype.name}, not a float type")
+    shape = tuple(int(d) for d in meta["shape"])
+    if len(shape) != 2:
+        raise LoraLayoutUnknown(f"{label}: a {len(shape)}-D tensor")
+    if shape != info.shape:
+        raise LoraLayoutUnknown(f"{label}: shape {list(shape)} in the base folder, {list(info.shape)} in the base GGUF")
+    dtype = meta["dtype"]
+    if dtype not in _ST_ITEMSIZE:
+        raise LoraLayoutUnknown(f"{label}: the base folder stores it as {dtype}, not a float type")
+    rows, cols = shape
+    src_start = data_start + int(meta["data_offsets"][0])
+    src_row = cols * _ST_ITEMSIZE[dtype]
+    dst_row = info.nbytes // rows
+
+    same_type = (dtype, qtype) in (("F16", GGMLQuantizationType.F16), ("F32", GGMLQuantizationType.F32))
+
+    def hf_block(r0: int, r1: int) -> np.ndarray:
+        start = src_start + r0 * src_row
+        raw = st_mm[start: start + (r1 - r0) * src_row]
+        if same_type:
+            block = np.array(raw).reshape(r1 - r0, dst_row)
+        else:
+            x = quants.quantize(_as_f32(raw, dtype, (r1 - r0, cols), label), qtype)
+            block = np.ascontiguousarray(x).view(np.uint8).reshape(r1 - r0, dst_row)
+        _release(st_mm, start, (r1 - r0) * src_row)
+        return block
+
+    def gguf_block(r0: int, r1: int) -> np.ndarray:
+        """A copy, so the mapped pages can go at once."""
+        start = info.offset + r0 * dst_row
+        block = np.array(base_mm[start: start + (r1 - r0) * dst_row]).reshape(r1 - r0, dst_row)
+        _release(base_mm, start, (r1 - r0) * dst_row)
+        return block
+
+    spans = [(r0, min(rows, r0 + _ROW_CHUNK)) for r0 in range(0, rows, _ROW_CHUNK)]
+    if all(np.array_equal(hf_block(r0, r1), gguf_block(r0, r1)) for r0, r1 in spans):
+        return None
+    # Not in HF order: each GGUF row must be exactly one HF row, each HF row used once.
+    hf_rows: dict[bytes, int] = {}
+    for r0, r1 in spans:
+        for i, row in enumerate(hf_block(r0, r1), start=r0):
+            first = hf_rows.setdefault(row.tobytes(), i)
+            if first != i:
+                raise LoraLayoutUnknown(f"{label}: HF rows {first} and {i} are equal, so the row order is ambiguous")
+    perm: list[int] = []
+    for r0, r1 in spans:
+        for i, row in enumerate(gguf_block(r0, r1), start=r0):
+            j = hf_rows.pop(row.tobytes(), None)
+            if j is None:
+                raise LoraLayoutUnknown(f"{label}: GGUF row {i} is no row of the HF tensor (not a row permutation)")
+            perm.append(j)
+    return perm
+
+
+def merge_peft_adapter(
+    adapter_dir: Path,
+    base_dir: Path,
+    base_gguf: Path,
+    out_path: Path,
+    info: AdapterInfo | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Merge a peft LoRA adapter straight into the base's float GGUF (`_stream_merge`); returns `out_path`.
+
+    Names and lora_B row orders come from `learn_lora_layout`; each module gets peft's own scale
+    (`alpha_i / r`, or `alpha_i / sqrt(r)` with use_rslora). The adapter's safetensors are read
+    memory-mapped, one pair at a time. Raises `LoraLayoutUnknown` (before writing anything) for
+    what this path does not carry: a legacy .bin adapter, embedding LoRA, whole tensors, or a
+    base whose conversion cannot be read back.
+    """
+    adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
+    if info is None:
+        info = validate_adapter(adapter_dir, base_dir)
+    info.check_mode("merge")
+    if info.full_tensors or info.modules_to_save or info.vocab_resized:
+        raise LoraLayoutUnknown(f"the adapter brings whole tensors ({', '.join(info.full_tensors[:4]) or 'modules_to_save'})")
+    weights = _adapter_weights_file(adapter_dir)
+    if weights.suffix != ".safetensors":
+        raise LoraLayoutUnknown(f"{weights.name} is a torch pickle, which only torch reads")
+    header, data_start = _safetensors_table(weights)
+    modules: dict[str, dict[str, str]] = {}
+    for name in header:
+        m = _LORA_RE.match(name.removeprefix(_PEFT_PREFIX))
+        if m is None:
+            raise LoraLayoutUnknown(f"{weights.name} holds {name}, which is not a lora_A/lora_B tensor")
+        if m["part"] not in ("lora_A", "lora_B"):
+            raise LoraLayoutUnknown(f"{name}: embedding LoRA, which the converter transposes its own way")
+        modules.setdefault(m["module"], {})[m["part"]] = name
+    layout = learn_lora_layout(base_dir, base_gguf, [f"{module}.weight" for module in modules])
+
+    def load(module: str) -> LoraPair:
+        parts = modules[module]
+        mm = np.memmap(weights, mode="r")  # this pair's own mapping (see `_release`)
+        lora_a, lora_b = (_st_tensor_f32(mm, data_start, parts[p], header[parts[p]], weights) for p in ("lora_A", "lora_B"))
+        perm = layout.targets[f"{module}.weight"].perm
+        if perm is not None:
+            if len(perm) != lora_b.shape[0]:
+                raise MergeFailed(f"{module}: lora_B has {lora_b.shape[0]} rows, the learned layout {len(perm)}")
+            lora_b = lora_b[np.asarray(perm)]
+        return lora_a, lora_b, _peft_scale(info, module, lora_b.shape[1])
+
+    loras = {layout.targets[f"{module}.weight"].gguf_name: (lambda m=module: load(m)) for module in modules}
+    return _stream_merge(base_gguf, out_path, loras, on_progress)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1148,7 +1455,10 @@ def apply_adapter(
 ) -> AdapterOutput:
     """Run one adapter mode after `validate_adapter`; every result is cached and shared across runs.
 
-    - merge: GGUF LoRA (cached) + streaming merge into `base_gguf` (cached per base and adapter).
+    - merge: the peft adapter streamed into `base_gguf` (cached per base and adapter), placed by
+      the layout learned from the base's own conversion (`merge_peft_adapter`). Where that layout
+      cannot be learned, the GGUF LoRA by `convert_lora_to_gguf.py` (cached) is merged instead,
+      and `lora_gguf` names it.
     - adapter: GGUF LoRA (cached); `gguf` is the base GGUF itself, to quantize as usual.
     - peft: the reference merge, converted (cached per base and adapter).
     """
@@ -1161,19 +1471,50 @@ def apply_adapter(
                              seconds=round(time.perf_counter() - started, 3))
     if base_gguf is None:
         raise KilnError(f"--adapter-mode {mode} needs the base's float GGUF")
-    lora, lora_reused = convert_adapter_to_gguf(adapter_dir, base_dir, toolchain, info=info, on_line=on_line)
+    base_gguf = Path(base_gguf)
     if mode == "adapter":
+        lora, lora_reused = convert_adapter_to_gguf(adapter_dir, base_dir, toolchain, info=info, on_line=on_line)
         return AdapterOutput(mode=mode, adapter_sha256=info.sha256, gguf=str(base_gguf), lora_gguf=str(lora),
                              reused=lora_reused, seconds=round(time.perf_counter() - started, 3))
     final = merged_gguf_cache_path(base_key, info, outtype, toolchain)
+    lora: Path | None = None
 
     def build(tmp: Path) -> None:
-        report = progress_reporter(f"merge adapter {adapter_dir.name} into {Path(base_gguf).name}")
-        merge_lora_gguf(Path(base_gguf), lora, tmp, on_progress=lambda done, total: report(done / total))
+        nonlocal lora
+        report = progress_reporter(f"merge adapter {adapter_dir.name} into {base_gguf.name}")
+        lora = merge_adapter_into_gguf(info, base_dir, base_gguf, tmp, toolchain, on_line=on_line,
+                                       on_progress=lambda done, total: report(done / total))
 
     final, reused = cached_build(final, build)
-    return AdapterOutput(mode=mode, adapter_sha256=info.sha256, gguf=str(final), lora_gguf=str(lora),
+    return AdapterOutput(mode=mode, adapter_sha256=info.sha256, gguf=str(final), lora_gguf=str(lora) if lora else None,
                          reused=reused, seconds=round(time.perf_counter() - started, 3))
+
+
+def merge_adapter_into_gguf(
+    info: AdapterInfo,
+    base_dir: Path,
+    base_gguf: Path,
+    out_path: Path,
+    toolchain: Toolchain,
+    on_line: Callable[[str], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path | None:
+    """`--adapter-mode merge` into `out_path`, uncached; returns the GGUF LoRA it merged, None when it needed none.
+
+    The learned layout first (`merge_peft_adapter`); the converter, a torch process and the
+    costliest part of the mode, runs only where the base's own conversion does not show where
+    the adapter goes.
+    """
+    adapter_dir = Path(info.path)
+    try:
+        merge_peft_adapter(adapter_dir, base_dir, base_gguf, out_path, info, on_progress)
+        return None
+    except LoraLayoutUnknown as exc:
+        logger.warning("adapter %s: cannot place it from the base's own conversion (%s); "
+                       "converting it with convert_lora_to_gguf.py", adapter_dir.name, exc)
+    lora, _ = convert_adapter_to_gguf(adapter_dir, base_dir, toolchain, info=info, on_line=on_line)
+    merge_lora_gguf(base_gguf, lora, out_path, on_progress)
+    return lora
 
 
 def describe(info: AdapterInfo) -> Iterable[str]:

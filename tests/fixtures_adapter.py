@@ -81,11 +81,21 @@ def lora_gguf(adapter_info, demo_model_dir: Path, toolchain) -> Path:
 
 
 @pytest.fixture(scope="session")
-def merged_gguf(lora_gguf: Path, demo_f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`--adapter-mode merge`'s result: the GGUF LoRA streamed into the cached f16 base (always recomputed)."""
+def merged_gguf(adapter_info, demo_model_dir: Path, demo_f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`--adapter-mode merge`'s result: the peft adapter streamed into the cached f16 base, placed by the
+    layout learned from that base's own conversion (the merge always recomputed)."""
+    from tasks.adapter import merge_peft_adapter
+
+    out = tmp_path_factory.mktemp("merged") / "merged-f16.gguf"
+    return merge_peft_adapter(Path(adapter_info.path), demo_model_dir, demo_f16_gguf, out, adapter_info)
+
+
+@pytest.fixture(scope="session")
+def converter_merged_gguf(lora_gguf: Path, demo_f16_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The merge mode's fallback: the converter's GGUF LoRA streamed into the cached f16 base (always recomputed)."""
     from tasks.adapter import merge_lora_gguf
 
-    return merge_lora_gguf(demo_f16_gguf, lora_gguf, tmp_path_factory.mktemp("merged") / "merged-f16.gguf")
+    return merge_lora_gguf(demo_f16_gguf, lora_gguf, tmp_path_factory.mktemp("merged") / "converter-merged-f16.gguf")
 
 
 @pytest.fixture(scope="session")

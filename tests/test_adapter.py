@@ -3,12 +3,16 @@
 The equivalence test is the contract of `--adapter-mode merge`: on SmolLM2-135M-Instruct with a
 rank-16 adapter over the seven projections (lora_B random, not zero), the streamed merge's
 tensors equal the peft reference's within f16 rounding, and both generate the same greedy tokens
-in llama.cpp.
+in llama.cpp. The merge places the adapter by the layout learned from the base's own conversion;
+its file is byte for byte the one the converter's GGUF LoRA gives (SmolLM2 is a llama: Q and K
+rows are permuted), and where the layout cannot be learned the converter runs instead.
 """
 
 from __future__ import annotations
 
+import filecmp
 import json
+import logging
 import math
 import os
 import shutil
@@ -21,11 +25,15 @@ from registry import get_base
 from tasks.adapter import (
     AdapterIncompatible,
     AdapterModeUnsupported,
+    LoraLayoutUnknown,
     MergeFailed,
     apply_adapter,
     convert_adapter_to_gguf,
     fold_scale_into_lora_b,
+    learn_lora_layout,
+    lora_layout_cache_path,
     merge_lora_gguf,
+    merge_peft_adapter,
     read_gguf_layout,
     validate_adapter,
 )
@@ -373,7 +381,7 @@ def test_shared_intermediates(adapter_info, peft_adapter, demo_model_dir, demo_f
     base_stat = demo_f16_gguf.stat()
     first = apply_adapter(adapter_info, "merge", base_dir=demo_model_dir, base_gguf=demo_f16_gguf,
                           base_key=demo_base_key, toolchain=toolchain)
-    assert first.lora_gguf == str(lora_gguf) and first.adapter_sha256 == adapter_info.sha256
+    assert first.lora_gguf is None and first.adapter_sha256 == adapter_info.sha256  # no converter needed
     again = apply_adapter(adapter_info, "merge", base_dir=demo_model_dir, base_gguf=demo_f16_gguf,
                           base_key=demo_base_key, toolchain=toolchain)
     assert again.reused and again.gguf == first.gguf
@@ -382,13 +390,13 @@ def test_shared_intermediates(adapter_info, peft_adapter, demo_model_dir, demo_f
     assert shipped.reused and shipped.gguf == str(demo_f16_gguf) and shipped.lora_gguf == str(lora_gguf)
     assert shipped.model_dump()["mode"] == "adapter"
 
-    # A second adapter (rslora: same weights, another meaning) on the same base: its own GGUF LoRA,
+    # A second adapter (rslora: same weights, another meaning) on the same base: its own merged file,
     # the same base GGUF, untouched; its delta is sqrt(16) = 4 times the first one's.
     rs = variant(peft_adapter, tmp_path / "rslora", use_rslora=True)
     rs_info = validate_adapter(rs, demo_model_dir, get_base(SPEC_KEY))
     second = apply_adapter(rs_info, "merge", base_dir=demo_model_dir, base_gguf=demo_f16_gguf,
                            base_key=demo_base_key, toolchain=toolchain)
-    assert second.lora_gguf != first.lora_gguf and second.gguf != first.gguf
+    assert second.gguf != first.gguf
     assert demo_f16_gguf.stat().st_mtime_ns == base_stat.st_mtime_ns
     from tasks.convert import convert_to_gguf
 
@@ -418,3 +426,129 @@ def test_modes_refuse_what_they_cannot_apply(peft_adapter, demo_model_dir, toolc
     info = validate_adapter(dora, demo_model_dir, None)
     with pytest.raises(AdapterModeUnsupported, match="DoRA"):
         convert_adapter_to_gguf(dora, demo_model_dir, toolchain, info=info)
+
+
+# --------------------------------------------------------------------------------------------
+# The layout learned from the base's own conversion
+# --------------------------------------------------------------------------------------------
+
+PROJECTIONS = [f"self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")] + [
+    f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+ADAPTED = [f"model.layers.{i}.{p}.weight" for i in range(30) for p in PROJECTIONS]
+
+
+def llama_rows(n_head: int, head_dim: int = 64) -> list[int]:
+    """The converter's Q/K row order (LlamaModel.permute) as GGUF row -> HF row."""
+    return np.arange(n_head * head_dim).reshape(n_head, 2, head_dim // 2).swapaxes(1, 2).reshape(-1).tolist()
+
+
+def test_layout_merge_is_the_converter_merge_byte_for_byte(merged_gguf, converter_merged_gguf, demo_f16_gguf):
+    """No convert_lora_to_gguf.py, yet the very file its GGUF LoRA gives, permuted Q/K rows included."""
+    assert filecmp.cmp(merged_gguf, converter_merged_gguf, shallow=False)
+    merged, base = _tensors(merged_gguf), _tensors(demo_f16_gguf)
+    assert not np.array_equal(merged["blk.0.attn_q.weight"], base["blk.0.attn_q.weight"])
+
+
+def test_layout_is_learned_from_the_base_conversion_and_cached(demo_model_dir, demo_f16_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    layout = learn_lora_layout(demo_model_dir, demo_f16_gguf, ADAPTED)
+    assert sorted(layout.targets) == sorted(ADAPTED)
+    q, k = layout.targets["model.layers.3.self_attn.q_proj.weight"], layout.targets["model.layers.3.self_attn.k_proj.weight"]
+    assert (q.gguf_name, q.perm) == ("blk.3.attn_q.weight", llama_rows(9))  # 9 heads
+    assert (k.gguf_name, k.perm) == ("blk.3.attn_k.weight", llama_rows(3))  # 3 key/value heads
+    assert {n for n, t in layout.targets.items() if t.perm is not None} == {
+        n for n in ADAPTED if n.endswith(("q_proj.weight", "k_proj.weight"))}
+    assert layout.targets["model.layers.29.mlp.down_proj.weight"].gguf_name == "blk.29.ffn_down.weight"
+    assert lora_layout_cache_path(demo_f16_gguf, ADAPTED).is_file()
+
+    # Asked again (in any order), the cache answers: the base's weights are not read any more.
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    assert learn_lora_layout(no_weights, demo_f16_gguf, list(reversed(ADAPTED))) == layout
+    # Another set of weights is another entry, learned from the weights.
+    with pytest.raises(LoraLayoutUnknown, match=r"model\.layers\.0\.mlp\.down_proj\.weight: no safetensors file"):
+        learn_lora_layout(no_weights, demo_f16_gguf, ADAPTED[:7])
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("model.layers.0.self_attn.qkv_proj.weight", r"qkv_proj\.weight: gguf-py's llama tensor map has no GGUF name"),
+        ("model.layers.0.input_layernorm.weight", r"input_layernorm\.weight -> blk\.0\.attn_norm\.weight: a 1-D tensor"),
+    ],
+)
+def test_layout_refuses_what_the_base_conversion_does_not_show(name, message, demo_model_dir, demo_f16_gguf, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(LoraLayoutUnknown, match=message):
+        learn_lora_layout(demo_model_dir, demo_f16_gguf, [name])
+
+
+def test_merge_falls_back_to_the_converter(adapter_info, demo_model_dir, demo_f16_gguf, merged_gguf, toolchain,
+                                           tmp_path, monkeypatch, caplog):
+    """A base GGUF whose rows are not the HF rows: the layout is refused, the converter's GGUF LoRA merged."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))  # nothing reused: the fallback really runs
+    altered = tmp_path / "altered-f16.gguf"
+    shutil.copyfile(demo_f16_gguf, altered)
+    v = next(t for t in read_gguf_layout(altered).tensors if t.name == "blk.5.attn_v.weight")
+    row_bytes = v.nbytes // v.shape[0]
+    mm = np.memmap(altered, mode="r+")
+    mm[v.offset + 7 * row_bytes: v.offset + 8 * row_bytes].view(np.uint16)[:] ^= 1  # row 7: every value 1 ulp off
+    mm.flush()
+    del mm
+    with pytest.raises(LoraLayoutUnknown, match=r"layers\.5\.self_attn\.v_proj\.weight -> blk\.5\.attn_v\.weight: GGUF row 7 "):
+        learn_lora_layout(demo_model_dir, altered, ADAPTED)
+
+    with caplog.at_level(logging.WARNING, logger="tasks.adapter"):
+        out = apply_adapter(adapter_info, "merge", base_dir=demo_model_dir, base_gguf=altered, base_key="altered",
+                            toolchain=toolchain)
+    assert "blk.5.attn_v.weight" in caplog.text and "convert_lora_to_gguf.py" in caplog.text
+    assert out.lora_gguf is not None and read_gguf_layout(Path(out.lora_gguf)).metadata["adapter.type"] == "lora"
+    got, want, base = _tensors(Path(out.gguf)), _tensors(merged_gguf), _tensors(demo_f16_gguf)
+    assert got.keys() == want.keys()
+    for name in want:
+        if name != v.name:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_array_equal(np.delete(got[v.name], 7, axis=0), np.delete(want[v.name], 7, axis=0))
+    # Row 7: the base's one-ulp change, plus at most one ulp of the merged value's rounding.
+    row, reference = got[v.name][7], want[v.name][7]
+    tolerance = np.spacing(np.abs(base[v.name][7])).astype(np.float32) + np.spacing(
+        np.maximum(np.abs(row), np.abs(reference))).astype(np.float32)
+    assert np.all(np.abs(row.astype(np.float32) - reference.astype(np.float32)) <= tolerance)
+    assert not np.array_equal(row, base[v.name][7])  # the adapter reached the altered row too
+
+
+@pytest.mark.parametrize(
+    ("changes", "exact"),
+    [
+        ({"use_rslora": True}, True),
+        ({"alpha_pattern": {"q_proj": 24, "down_proj": 8}}, True),
+        ({"lora_alpha": 24, "alpha_pattern": {"q_proj": 20}}, False),
+    ],
+    ids=["rslora", "alpha_pattern", "alpha_pattern-alpha24"],
+)
+def test_scaled_adapters_merge_as_the_converter_merges(changes, exact, peft_adapter, demo_model_dir, demo_f16_gguf,
+                                                       toolchain, tmp_path):
+    """peft's own scale, applied directly, against the converter's folded lora_B.
+
+    With alpha 32 and r 16, llama.cpp's scale alpha/r = 2 is a power of two, so folding the ratio
+    into lora_B rounds nothing and the files are identical. With alpha 24 (scale 1.5) the fold's
+    extra float32 rounding of lora_B can move a merged value by one f16 ulp.
+    """
+    scaled = variant(peft_adapter, tmp_path / "a", **changes)
+    info = validate_adapter(scaled, demo_model_dir, None)
+    assert info.needs_scale_fold
+    direct = merge_peft_adapter(scaled, demo_model_dir, demo_f16_gguf, tmp_path / "direct.gguf", info)
+    lora, _ = convert_adapter_to_gguf(scaled, demo_model_dir, toolchain, info=info)
+    converted = merge_lora_gguf(demo_f16_gguf, lora, tmp_path / "converted.gguf")
+    if exact:
+        assert filecmp.cmp(direct, converted, shallow=False)
+        return
+    a, b, base = _tensors(direct), _tensors(converted), _tensors(demo_f16_gguf)
+    for name in a:
+        if np.array_equal(a[name], b[name]):
+            continue
+        assert not np.array_equal(a[name], base[name]), f"{name}: merged differently, yet not adapted"
+        ulps = np.abs(a[name].astype(np.float32) - b[name].astype(np.float32)) / np.spacing(
+            np.maximum(np.abs(a[name]), np.abs(b[name]))).astype(np.float32)
+        assert ulps.max() <= 1.0, f"{name}: {ulps.max()} f16 ulps between the direct and the converter's merge"
