@@ -15,6 +15,7 @@ check and measure nothing):
    a process, is measured apart; then `batch_export` over a one-item catalogue, timed around the
    call: run 1 (real work), run 2 (identical: the folder is up to date), run 3 (`force`: the
    export runs again and its conversion and quantizations come from Prefect's cross-run cache).
+   The runs are made as `kiln batch` makes them: without flow-run heartbeats (flows/heartbeats.py).
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def trivial(): return one()
 trivial()
 startup = time.perf_counter() - t0
 from flows.batch import batch_export
+from flows.heartbeats import without_heartbeats
 runs = []
 for label, force in (("first", False), ("second", False), ("forced", True)):
     t = time.perf_counter()
-    state = batch_export(sys.argv[1], force=force, return_state=True)
+    with without_heartbeats():  # as `kiln batch` runs it
+        state = batch_export(sys.argv[1], force=force, return_state=True)
     wall = time.perf_counter() - t
     rows = state.result() if state.is_completed() else str(state.message)
     timings = json.loads(open(rows[0]["out_dir"] + "/manifest.json").read())["timings"] if state.is_completed() else {}

@@ -123,9 +123,11 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
         console.print(f"exporting ({why})")
         from flows.export import export
 
-        quiet_kiln_tracebacks()
+        from flows.heartbeats import without_heartbeats
 
-        manifest = export(request, force=force)
+        quiet_kiln_tracebacks()
+        with without_heartbeats():
+            manifest = export(request, force=force)
         status = f"exported to {request.out_dir}"
     if as_json:
         click.echo(manifest.model_dump_json(indent=2))
@@ -225,8 +227,10 @@ def batch_command(catalogue: Path, out_root: str | None, check: bool, force: boo
         console.print(f"[green]✓[/] {len(items)} catalogue items valid")
         return
     from flows.batch import batch_export
+    from flows.heartbeats import without_heartbeats
 
-    batch_export(str(catalogue), out_root, force)
+    with without_heartbeats():
+        batch_export(str(catalogue), out_root, force)
 
 
 @cli.command("report")

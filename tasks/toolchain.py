@@ -14,6 +14,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -186,6 +187,32 @@ def converter_env(root: Path) -> dict[str, str]:
     return env
 
 
+_REGISTER_RE = re.compile(r"^[ \t]*@\w*\.register\(", re.MULTILINE)
+
+
+def _registered_in(source: str) -> set[str]:
+    """The string arguments of every `@<Class>.register(...)` decorator in `source`.
+
+    Only the decorator calls are parsed (a whole-file AST of the converter's ~90 modules costs
+    a third of a second, on the path of every first-sight export).
+    """
+    found: set[str] = set()
+    for match in _REGISTER_RE.finditer(source):
+        start = match.end() - 1  # the opening parenthesis
+        depth, end = 0, start
+        for end in range(start, len(source)):
+            depth += {"(": 1, ")": -1}.get(source[end], 0)
+            if depth == 0:
+                break
+        try:
+            call = ast.parse(source[start: end + 1], mode="eval").body
+        except SyntaxError:
+            continue
+        args = call.elts if isinstance(call, ast.Tuple) else [call]
+        found.update(a.value for a in args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+    return found
+
+
 @lru_cache(maxsize=None)
 def registered_architectures(root: Path) -> frozenset[str]:
     """Text architectures the converter at `root` registers, read from its source without importing it.
@@ -204,17 +231,8 @@ def registered_architectures(root: Path) -> frozenset[str]:
             if isinstance(target, ast.Name) and target.id == "TEXT_MODEL_MAP" and isinstance(node.value, ast.Dict):
                 names.update(k.value for k in node.value.keys if isinstance(k, ast.Constant))
     for script in [root / "convert_hf_to_gguf.py", *sorted((root / "conversion").glob("*.py"))]:
-        if not script.is_file():
-            continue
-        for node in ast.walk(ast.parse(script.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ClassDef):
-                for deco in node.decorator_list:
-                    if (
-                        isinstance(deco, ast.Call)
-                        and isinstance(deco.func, ast.Attribute)
-                        and deco.func.attr == "register"
-                    ):
-                        names.update(a.value for a in deco.args if isinstance(a, ast.Constant))
+        if script.is_file():
+            names.update(_registered_in(script.read_text(encoding="utf-8")))
     if not names:
         raise ToolchainError(f"found no registered architectures in the converter at {root}")
     return frozenset(names)
