@@ -122,7 +122,6 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
         preflight_before_prefect(request)
         console.print(f"exporting ({why})")
         from flows.export import export
-
         from flows.heartbeats import without_heartbeats
 
         quiet_kiln_tracebacks()
