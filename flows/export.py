@@ -69,21 +69,22 @@ def run_export(request: ExportRequest) -> Manifest:
     if early:
         warm_converter(toolchain)  # its import overlaps the checks below
     report = run_preflight.task(ref, metadata_folder, request, toolchain, ask_converter=not early)
+    lap("preflight", t0)
+
+    t0 = time.perf_counter()
+    source = fetch_source.task(ref, metadata_folder, derived_from)
+    lap("fetch", t0)
+
     if early:
         # Weights on disk and the probe not cached: convert while the converter is asked, not after.
-        source = fetch_source.task(ref, metadata_folder, derived_from)
+        t0 = time.perf_counter()
         ahead = ConversionAhead(Path(source.path), content_key(source.files), request.outtype, toolchain)
         try:
             report = confirm_with_converter.task(report, ref, metadata_folder, toolchain)
         except BaseException:
             ahead.cancel()
             raise
-    lap("preflight", t0)
-
-    t0 = time.perf_counter()
-    if not early:
-        source = fetch_source.task(ref, metadata_folder, derived_from)
-    lap("fetch", t0)
+        lap("probe beside conversion", t0)
 
     t0 = time.perf_counter()
     asked = request  # what the manifest records; `request` below may carry the type `auto` chose

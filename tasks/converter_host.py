@@ -1,6 +1,6 @@
 """A warm converter: one process that has imported llama.cpp's converter forks a child per job.
 
-`convert_hf_to_gguf.py` spends about two seconds importing torch and its model classes before it
+`convert_hf_to_gguf.py` spends seconds importing torch and its model classes before it
 reads a byte of the model. An export of a base seen for the first time runs it twice (the
 preflight probe, then the conversion), a batch once or twice per base. The host pays that import
 once per process and toolchain; each job is a `fork` of it that runs the unchanged script as

@@ -405,20 +405,21 @@ class _Handler(BaseHTTPRequestHandler):
         line({"status": "success"})
         self.wfile.write(b"0\r\n\r\n")
 
-    def _find(self) -> tuple[str | None, dict[str, Any] | None]:
+    def _find_or_404(self) -> dict[str, Any] | None:
+        """The named model's record; None once the error (a bad body, or 404) has been answered."""
         req = self._json_body()
         if req is None:
-            return None, None
+            return None
         name = str(req.get("model") or req.get("name") or "")
         full = _full_name(name)
-        return name, (self.owner.models.get(full) if full else None)
-
-    def _show(self) -> None:
-        name, record = self._find()
-        if name is None:
-            return
+        record = self.owner.models.get(full) if full else None
         if record is None:
             self._error(404, f"model '{name}' not found")
+        return record
+
+    def _show(self) -> None:
+        record = self._find_or_404()
+        if record is None:
             return
         req = record["request"]
         params = req.get("parameters") or {}
@@ -449,11 +450,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"models": models})
 
     def _delete(self) -> None:
-        name, record = self._find()
-        if name is None:
-            return
+        record = self._find_or_404()
         if record is None:
-            self._error(404, f"model '{name}' not found")
             return
         with self.owner._lock:
             del self.owner.models[record["name"]]
