@@ -277,7 +277,7 @@ def up_to_date(request: ExportRequest) -> Manifest | None:
 
 def run_item(item: CatalogueItem, force: bool) -> ItemOutcome:
     """One item: nothing when up to date, else an `export` subflow; its failure becomes a row, not an exception."""
-    from flows.export import export
+    from flows.export import export, warm_converter_ahead
     from flows.heartbeats import without_heartbeats
 
     request = item.request
@@ -290,6 +290,7 @@ def run_item(item: CatalogueItem, force: bool) -> ItemOutcome:
         current = None  # let the export itself say what is wrong
     if current is not None:
         return _row(row, "up to date", current, time.perf_counter() - t0)
+    warm_converter_ahead(request)
     with without_heartbeats():  # it runs in this batch run's process, whose heartbeat covers it
         state = export.with_options(flow_run_name=item.name)(request, force=force, return_state=True)
     seconds = time.perf_counter() - t0

@@ -53,7 +53,7 @@ POLL_SECONDS = float(os.environ.get("KILN_PLACEMENT_POLL_SECONDS", "2"))
 # element of the largest tensor (read buffer, f32 copy, output) over the process's baseline.
 _QUANT_BYTES_PER_ELEMENT = 10
 _QUANT_OVERHEAD = 64 << 20
-_QUANT_MIN_THREADS = 4
+_QUANT_MIN_THREADS = 2
 
 
 class PlacementFailed(KilnError):
@@ -133,15 +133,16 @@ def quant_job_memory(base: Path, config: dict[str, Any]) -> int:
 def quant_parallelism(n_jobs: int, per_job: int, budget: int, parallel: int | None = None) -> tuple[int, int]:
     """(parallel quantizations, threads each): bounded by the jobs, the memory budget, and the cores.
 
-    libllama's quantizer uses a few threads well, so each job gets at least `_QUANT_MIN_THREADS`
-    where the cores allow: on 2 cores one job at a time with both threads beat two jobs of one
-    thread each (7.0 s against 8.4 s for four types of SmolLM2-135M).
+    A libllama quantization leaves its threads idle while it validates the input rows and writes
+    the output (one thread does both), so jobs side by side keep the cores busier than one job
+    with every thread: four types of SmolLM2-135M on 2 cores took 4.9-5.0 s as two jobs of two
+    threads each, 5.3-5.6 s one after another with both threads (bench/quant_parallel.py).
+    Each job gets at least `_QUANT_MIN_THREADS`, the cores shared out beyond that.
     """
     cores = os.cpu_count() or 1
     by_memory = max(1, budget // max(1, per_job))
-    by_cores = max(1, cores // _QUANT_MIN_THREADS)
-    workers = max(1, min(parallel or n_jobs or 1, by_cores if parallel is None else cores, by_memory))
-    return workers, max(1, cores // workers)
+    workers = max(1, min(parallel or n_jobs or 1, cores, by_memory))
+    return workers, max(_QUANT_MIN_THREADS, cores // workers)
 
 
 # ---------------------------------------------------------------- the work

@@ -26,6 +26,7 @@ from registry.models import (
 )
 from tasks.adapter import AdapterInfo
 from tasks.convert import ConversionAhead, output_sha256, place_output, warm_converter
+from tasks.errors import KilnError
 from tasks.fetch import SourceRef, display_name, source_ref
 from tasks.files import remove_stale_temporaries, safe_child, sha256_file
 from tasks.manifest import (
@@ -44,6 +45,28 @@ EXPORT_LOCK = ".kiln-export.lock"
 
 def output_name(stem: str, quant: str) -> str:
     return f"{stem}-{quant}.gguf"
+
+
+def warm_converter_ahead(request: ExportRequest) -> None:
+    """Start the converter's import now where `run_export` will convert beside the probe.
+
+    A batch calls this before it starts an item's export subflow, so that the import (seconds
+    of torch) overlaps the subflow's start as well as preflight. Anything wrong with the
+    request is left for the export itself to report.
+    """
+    from tasks.fetch import locate_metadata
+    from tasks.preflight import conversion_can_start_early
+
+    try:
+        ref = source_ref(request)
+        if ref.kind not in ("local", "demo"):  # the only kinds that convert early; Hub metadata costs a download
+            return
+        toolchain = current_toolchain()
+        metadata_folder, _ = locate_metadata(ref)
+        if conversion_can_start_early(ref, metadata_folder, request, toolchain):
+            warm_converter(toolchain)
+    except (KilnError, ValueError, OSError):
+        pass
 
 
 def run_export(request: ExportRequest) -> Manifest:

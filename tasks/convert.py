@@ -176,6 +176,26 @@ class ConversionAhead:
         self._thread.join()
 
 
+# Entries this process built and stamped: the file's identity when hashed, and the digest. The
+# next lookup of such an entry in this process (the convert step finding the conversion that ran
+# ahead of it, beside the probe) trusts an identical identity instead of reading the file again.
+# The identity includes the ctime, which every write and every utime moves on, so an entry
+# changed in between is hashed as usual. Used once: later lookups hash again.
+_stamped_here: dict[Path, tuple[tuple[int, ...], str]] = {}
+
+
+def _identity(path: Path) -> tuple[int, ...]:
+    st = path.stat()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _entry_sha256(final: Path) -> str:
+    remembered = _stamped_here.pop(final, None)
+    if remembered is not None and remembered[0] == _identity(final):
+        return remembered[1]
+    return sha256_file(final)
+
+
 def cached_build(final: Path, build: Callable[[Path], None]) -> tuple[Path, bool]:
     """`final` from the cache when its recorded sha256 still matches, else built by `build(tmp)`.
 
@@ -188,7 +208,7 @@ def cached_build(final: Path, build: Callable[[Path], None]) -> tuple[Path, bool
     with FileLock(str(final) + ".lock"):
         # A killed builder's temporaries: every writer of this entry holds the lock, so none is live.
         remove_stale_temporaries(final.parent, final.name)
-        if final.is_file() and stamp.is_file() and stamp.read_text().strip() == sha256_file(final):
+        if final.is_file() and stamp.is_file() and stamp.read_text().strip() == _entry_sha256(final):
             return final, True
         final.unlink(missing_ok=True)
         with atomic_path(final) as tmp:
@@ -200,7 +220,10 @@ def cached_build(final: Path, build: Callable[[Path], None]) -> tuple[Path, bool
                     raise disk_full(final, step=_step_of(exc), written=tmp.stat().st_size if tmp.is_file() else 0,
                                     cause=str(exc)) from None
                 raise
-        write_text_atomic(stamp, sha256_file(final) + "\n")
+        identity = _identity(final)  # before hashing: a write while it is read changes the ctime
+        digest = sha256_file(final)
+        write_text_atomic(stamp, digest + "\n")
+        _stamped_here[final] = (identity, digest)
     return final, False
 
 

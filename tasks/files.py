@@ -20,7 +20,6 @@ from pathlib import Path
 from tasks.errors import KilnError, NotEnoughDisk, OutputDirInvalid
 
 TEMP_PREFIX = ".kiln-tmp-"
-_HASH_CHUNK = 8 * 1024 * 1024
 # A write that fails with one of these failed for want of space (bytes, inodes or quota), not for a bug.
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
@@ -38,11 +37,10 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    # file_digest reads into one reused buffer: a fresh bytes object a chunk costs page faults,
+    # about a third of the time of hashing a GGUF from the page cache on these machines.
     with open(path, "rb") as fh:
-        while chunk := fh.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def sha256_text(text: str) -> str:

@@ -126,7 +126,9 @@ def test_quantizations_in_parallel_stay_within_the_memory_budget(monkeypatch):
     assert quant_parallelism(4, per_job, budget=64 << 30) == (4, 4)
     assert quant_parallelism(4, per_job, budget=1 << 30) == (1, 16)  # at least one, always
     monkeypatch.setattr("os.cpu_count", lambda: 2)
-    assert quant_parallelism(4, 1 << 20, budget=64 << 30) == (1, 2)  # two cores: one job with both threads
+    # Two cores: two jobs side by side, two threads each (one job's reads and writes idle its threads).
+    assert quant_parallelism(4, 1 << 20, budget=64 << 30) == (2, 2)
+    assert quant_parallelism(1, 1 << 20, budget=64 << 30) == (1, 2)
 
 
 def test_prefect_cache_keys_follow_content_not_folders(toolchain):
