@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -392,6 +393,9 @@ def registry_check() -> None:
 
 
 def main() -> None:
+    # Prefect's temporary server would report usage to its makers: on a machine without network
+    # that logs an error at every start, and its heartbeat contends for the SQLite database.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     cli(prog_name="kiln")
 
 

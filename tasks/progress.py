@@ -17,16 +17,29 @@ def _ignore(fraction: float) -> None:
     return None
 
 
+def _in_run() -> bool:
+    if "prefect" not in sys.modules:  # not imported, so certainly not inside a run
+        return False
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def log_in_run(message: str, *args: object) -> None:
+    """An info line in the current Prefect run's log (the terminal and the UI); nothing outside a run."""
+    if _in_run():
+        from prefect import get_run_logger
+
+        get_run_logger().info(message, *args)
+
+
 def progress_reporter(description: str, key: str | None = None) -> Report:
     """A callback taking the fraction done (0..1) of the step described; `key` names the artifact."""
-    if "prefect" not in sys.modules:  # not imported, so certainly not inside a run
+    if not _in_run():
         return _ignore
     from prefect import get_run_logger
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
-    from prefect.context import FlowRunContext, TaskRunContext
 
-    if TaskRunContext.get() is None and FlowRunContext.get() is None:
-        return _ignore
     artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
     logger = get_run_logger()
     shown = {"artifact": 0, "log": 0}

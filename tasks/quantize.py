@@ -5,12 +5,16 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 import threading
+from collections import Counter
 from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from tasks.errors import QuantizationFailed, QuantTypeUnknown
+from tasks.progress import log_in_run
 from tasks.step import step
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -65,6 +69,57 @@ def _slots(at_once: int) -> threading.BoundedSemaphore:
     return threading.BoundedSemaphore(at_once)
 
 
+class _QuantizerLog(threading.local):
+    """What libllama said on this thread during the quantization it is running."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.fallbacks: Counter[str] = Counter()
+        self.tensors = 0
+        self.errors: list[str] = []
+
+
+_quantizer_log = _QuantizerLog()
+# libllama warns about every tensor it stores in another type than asked, because
+# its rows are not a whole number of that type's blocks ("warning: blk.0.attn_k.weight - ncols
+# 576 not divisible by 256 (required for type q4_K)", then " -> falling back to q5_0"). That is
+# 180 pairs of lines a k-quant of SmolLM2-135M, all over the terminal; Kiln counts them instead.
+_FALLBACK_TO = re.compile(r"->\s*falling back to\s+(\S+)")
+_FALLBACK_NOTICE = re.compile(r"not divisible by \d+ \(required for type")
+_FALLBACK_TOTAL = re.compile(r"\d+ of (\d+) tensor\(s\) required fallback")
+# ggml.h's `enum ggml_log_level`: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5. (llama-cpp-python
+# 0.3.36 maps an older order, so it prints these WARN lines as errors and hides the real errors.)
+_GGML_LOG_LEVEL_ERROR = 4
+
+
+@lru_cache(maxsize=1)
+def _route_libllama_log() -> Any:
+    """Send a quantizing thread's libllama lines to `_quantizer_log`; other threads' go where they went."""
+    import llama_cpp
+
+    previous = llama_cpp.llama_log_callback()
+    previous_data = ctypes.c_void_p()
+    llama_cpp.llama_log_get(ctypes.byref(previous), ctypes.byref(previous_data))
+
+    @llama_cpp.llama_log_callback
+    def route(level: int, text: bytes, user_data: Any) -> None:
+        log = _quantizer_log
+        if not log.active:
+            if previous:
+                previous(level, text, user_data)
+            return
+        line = text.decode("utf-8", errors="replace").strip()
+        if match := _FALLBACK_TO.search(line):
+            log.fallbacks[match.group(1)] += 1
+        elif match := _FALLBACK_TOTAL.search(line):
+            log.tensors = int(match.group(1))
+        elif level == _GGML_LOG_LEVEL_ERROR and line and not _FALLBACK_NOTICE.search(line):
+            log.errors.append(line)
+
+    llama_cpp.llama_log_set(route, previous_data)
+    return route  # libllama keeps only the pointer: the callback must live as long as the process
+
+
 @step(name="quantize")
 def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None, at_once: int | None = None) -> Path:
     """Write `dst` as `quant` from the GGUF `src` (a cache entry: reused while its hash holds).
@@ -75,8 +130,9 @@ def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None, 
 
     from tasks.convert import cached_build
 
-    # libllama logs a line per tensor through llama-cpp-python's logger; keep errors only.
+    # Other threads' libllama lines (a model load) still go through llama-cpp-python's logger: errors only.
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+    _route_libllama_log()
     check_quant_types([quant])
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = known_quant_types()[quant]
@@ -85,9 +141,20 @@ def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None, 
     params.allow_requantize = True
 
     def build(tmp: Path) -> None:
+        log = _quantizer_log
+        log.fallbacks, log.tensors, log.errors = Counter(), 0, []
         with _slots(at_once) if at_once else nullcontext():
-            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            log.active = True
+            try:
+                rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+            finally:
+                log.active = False
         if rc != 0:
-            raise QuantizationFailed(f"libllama could not quantize {src.name} to {quant} (return code {rc})")
+            cause = log.errors[-1] if log.errors else f"return code {rc}"
+            raise QuantizationFailed(f"libllama could not quantize {src.name} to {quant}: {cause}")
+        if log.fallbacks:
+            types = ", ".join(f"{name} ×{n}" for name, n in log.fallbacks.most_common())
+            log_in_run("%s: %d of %s tensors stored as %s instead: their rows are not whole %s blocks", quant,
+                       log.fallbacks.total(), log.tensors or "the", types, quant)
 
     return cached_build(dst, build)[0]
