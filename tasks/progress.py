@@ -1,8 +1,9 @@
-"""Progress of long steps, shown where the user is looking.
+"""Progress of long steps, and what a step has to say, shown where the user is looking.
 
 Inside a Prefect run a step's progress becomes a Prefect progress artifact (the
-UI shows a bar) and a log line every quarter (the terminal shows it); outside a
-run, as when tests call the plain functions, reporting does nothing.
+UI shows a bar) and a log line every quarter (the terminal shows it), and
+`log_in_run` adds a line to the run's log; outside a run, as when tests call the
+plain functions, both do nothing.
 """
 
 from __future__ import annotations
