@@ -37,8 +37,8 @@ def cache_dir() -> Path:
 
 
 def sha256_file(path: Path) -> str:
-    # file_digest reads into one reused buffer: a fresh bytes object a chunk costs page faults,
-    # about a third of the time of hashing a GGUF from the page cache on these machines.
+    # file_digest reads into one reused buffer; a fresh bytes object a chunk costs page faults
+    # on every chunk, which on these machines is a large share of hashing a GGUF.
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
