@@ -37,6 +37,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from registry.models import ExportRequest, ResolvedSource
+from tasks import settings
 from tasks.adapter import AdapterInfo, apply_adapter
 from tasks.convert import cache_entry_intact, convert_to_gguf, gguf_cache_path
 from tasks.errors import KilnError, ToolchainError
@@ -47,8 +48,6 @@ from tasks.toolchain import Toolchain, current_toolchain
 
 FLOW_NAME = "convert-quantize"
 POOLS = ("cpu", "gpu")
-# How often a parent export asks the server whether its convert-quantize child has finished.
-POLL_SECONDS = float(os.environ.get("KILN_PLACEMENT_POLL_SECONDS", "2"))
 # Peak resident memory of one libllama quantization, measured on SmolLM2-135M: about 7 bytes per
 # element of the largest tensor (read buffer, f32 copy, output) over the process's baseline.
 _QUANT_BYTES_PER_ELEMENT = 10
@@ -107,12 +106,9 @@ def _config(source: ResolvedSource) -> dict[str, Any]:
 
 def quant_memory_budget() -> int:
     """Bytes the parallel quantizations may use together: `KILN_QUANT_MEMORY_GB`, else half the available memory."""
-    explicit = os.environ.get("KILN_QUANT_MEMORY_GB")
-    if explicit:
-        try:
-            return int(float(explicit) * (1 << 30))
-        except ValueError:
-            raise KilnError(f"KILN_QUANT_MEMORY_GB={explicit!r} is not a number of GiB") from None
+    explicit = settings.quant_memory_gib()
+    if explicit is not None:
+        return int(explicit * (1 << 30))
     import psutil
 
     return psutil.virtual_memory().available // 2
@@ -360,7 +356,7 @@ def run_placed(source: ResolvedSource, request: ExportRequest, toolchain: Toolch
                         "toolchain_key": toolchain.cache_key,
                         "adapter": adapter.model_dump(mode="json") if adapter else None},
             timeout=None,
-            poll_interval=POLL_SECONDS,
+            poll_interval=settings.placement_poll_seconds(),
         )
     except ObjectNotFound:
         raise PlacementFailed(

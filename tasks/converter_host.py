@@ -31,6 +31,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks import settings
+
 IDLE_SECONDS = 120.0
 READY_SECONDS = 120.0
 _EXIT_MARK = "\0KILN-EXIT "
@@ -196,7 +198,7 @@ def _host_key(root: Path, env: dict[str, str]) -> str:
 
 def enabled() -> bool:
     # Linux only: elsewhere forking a process that imported torch is not known to be safe.
-    return sys.platform == "linux" and os.environ.get("KILN_CONVERTER_HOST", "1") != "0"
+    return sys.platform == "linux" and settings.converter_host_enabled()
 
 
 def warm(root: Path, env: dict[str, str]) -> _Host | None:

@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks import settings
 from tasks.errors import KilnError, NotEnoughDisk, OutputDirInvalid
 
 TEMP_PREFIX = ".kiln-tmp-"
@@ -25,13 +26,8 @@ DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def cache_dir() -> Path:
-    """`KILN_CACHE_DIR`, else the user's cache folder (`$XDG_CACHE_HOME/kiln` or `~/.cache/kiln`)."""
-    explicit = os.environ.get("KILN_CACHE_DIR")
-    if explicit:
-        root = Path(explicit).expanduser()
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME")
-        root = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "kiln"
+    """Kiln's cache folder (`tasks.settings.cache_root`), created on first use."""
+    root = settings.cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root
 

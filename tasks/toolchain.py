@@ -25,6 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
+from tasks import settings
 from tasks.errors import ToolchainError
 from tasks.files import atomic_dir, cache_dir
 
@@ -117,9 +118,9 @@ def ensure_converter_source(sdist: Path | None = None) -> Path:
     `sdist` may name an already-downloaded source distribution (setup scripts pass
     the one pip built from); otherwise pip fetches it once.
     """
-    override = os.environ.get("LLAMA_CPP_DIR")
-    if override:
-        root = Path(override).expanduser().resolve()
+    override = settings.llama_cpp_dir()
+    if override is not None:
+        root = override.resolve()
         _check_tree(root)
         return root
     version = llama_cpp_python_version()
@@ -168,7 +169,7 @@ def _toolchain_for(root: Path, version: str, from_env: bool) -> Toolchain:
 
 def current_toolchain() -> Toolchain:
     root = ensure_converter_source()
-    return _toolchain_for(root, llama_cpp_python_version(), bool(os.environ.get("LLAMA_CPP_DIR")))
+    return _toolchain_for(root, llama_cpp_python_version(), settings.llama_cpp_dir() is not None)
 
 
 def converter_env(root: Path) -> dict[str, str]:

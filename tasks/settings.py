@@ -1,0 +1,78 @@
+"""Every `KILN_*` environment setting, read when asked, never at import time.
+
+One function a setting, so the README's table, the tests and the code name the same
+thing, and a test that sets a variable after import still takes effect.
+
+| variable | meaning | default |
+| --- | --- | --- |
+| `KILN_CACHE_DIR` | converted GGUFs, probes, the converter source, the demo model | `$XDG_CACHE_HOME/kiln` or `~/.cache/kiln` |
+| `KILN_MEMORY_BUDGET` | memory every step together may use, e.g. `12GB` | 80 % of the machine's available memory |
+| `KILN_QUANT_MEMORY_GB` | GiB the parallel quantizations may use together | half the available memory |
+| `KILN_CONVERTER_HOST` | `0` runs every conversion as a plain subprocess | `1` (a forked host on Linux) |
+| `KILN_PLACEMENT_POLL_SECONDS` | how often an export asks whether its cpu/gpu child run has finished | `2` |
+| `LLAMA_CPP_DIR` | your own llama.cpp checkout instead of the pinned source's converter | unset |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tasks.errors import KilnError
+
+
+class SettingInvalid(KilnError):
+    """An environment setting Kiln cannot read."""
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A yes/no variable: 1/on/yes/true (any case) is yes, 0/off/no/false is no, unset is `default`."""
+    raw = os.environ.get(name, "").strip().upper()
+    if not raw:
+        return default
+    if raw in ("1", "ON", "YES", "TRUE"):
+        return True
+    if raw in ("0", "OFF", "NO", "FALSE"):
+        return False
+    raise SettingInvalid(f"{name}={os.environ[name]!r} is not a yes/no value; use 1 or 0")
+
+
+def _env_float(name: str, default: float, unit: str) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SettingInvalid(f"{name}={raw!r} is not a number of {unit}") from None
+
+
+def cache_root() -> Path:
+    """`KILN_CACHE_DIR`, else the user's cache folder (`$XDG_CACHE_HOME/kiln` or `~/.cache/kiln`); not created."""
+    explicit = os.environ.get("KILN_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "kiln"
+
+
+def converter_host_enabled() -> bool:
+    """`KILN_CONVERTER_HOST`: fork conversions from a host that imported the converter once (default yes)."""
+    return env_flag("KILN_CONVERTER_HOST", default=True)
+
+
+def placement_poll_seconds() -> float:
+    """`KILN_PLACEMENT_POLL_SECONDS`: how often a parent export polls its convert-quantize child run."""
+    return _env_float("KILN_PLACEMENT_POLL_SECONDS", 2.0, "seconds")
+
+
+def quant_memory_gib() -> float | None:
+    """`KILN_QUANT_MEMORY_GB`: GiB the parallel quantizations may use together, or None for the default."""
+    value = _env_float("KILN_QUANT_MEMORY_GB", -1.0, "GiB")
+    return None if value < 0 else value
+
+
+def llama_cpp_dir() -> Path | None:
+    """`LLAMA_CPP_DIR`: a llama.cpp checkout whose converter replaces the pinned one."""
+    raw = os.environ.get("LLAMA_CPP_DIR", "").strip()
+    return Path(raw).expanduser() if raw else None
