@@ -31,8 +31,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks import settings
-
 IDLE_SECONDS = 120.0
 READY_SECONDS = 120.0
 _EXIT_MARK = "\0KILN-EXIT "
@@ -198,6 +196,8 @@ def _host_key(root: Path, env: dict[str, str]) -> str:
 
 def enabled() -> bool:
     # Linux only: elsewhere forking a process that imported torch is not known to be safe.
+    from tasks import settings  # not at the top: this file also runs as the host's own script
+
     return sys.platform == "linux" and settings.converter_host_enabled()
 
 
