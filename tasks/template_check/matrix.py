@@ -1,0 +1,166 @@
+"""The chat messages both engines render, and the fixed matrix of conversations."""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+class ToolCallFunction(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+    index: int = 0
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = ""
+    function: ToolCallFunction
+
+
+class ChatMessage(BaseModel):
+    """One chat message as both Ollama's API and Hugging Face's templates see it.
+
+    `thinking` is Ollama's field; Hugging Face templates read the same text as
+    `reasoning_content`.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    thinking: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+
+    def for_jinja(self) -> dict[str, Any]:
+        # Keys are only present when set: templates test `'tool_calls' in message`.
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.thinking is not None:
+            out["reasoning_content"] = self.thinking
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_name is not None:
+            out["name"] = self.tool_name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+    def for_ollama(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.thinking is not None:
+            out["thinking"] = self.thinking
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "function": {
+                        "index": call.function.index,
+                        "name": call.function.name,
+                        "arguments": call.function.arguments,
+                    },
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_name is not None:
+            out["tool_name"] = self.tool_name
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+class MatrixCase(BaseModel):
+    """One conversation of the matrix; `think` maps to Jinja `enable_thinking`
+    and to Ollama's request `think` (None: not set)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    messages: tuple[ChatMessage, ...]
+    think: bool | None = None
+
+    @property
+    def has_system(self) -> bool:
+        return bool(self.messages) and self.messages[0].role == "system"
+
+
+def _system(text: str) -> ChatMessage:
+    return ChatMessage(role="system", content=text)
+
+
+def _user(text: str) -> ChatMessage:
+    return ChatMessage(role="user", content=text)
+
+
+def _assistant(text: str, thinking: str | None = None) -> ChatMessage:
+    return ChatMessage(role="assistant", content=text, thinking=thinking)
+
+
+_SYSTEM_TEXT = "You are a terse assistant. Answer in one sentence."
+_Q1 = "What is the capital of France?"
+_A1 = "The capital of France is Paris."
+_Q2 = "And of Italy?\nPlease answer briefly."
+_A2 = "Rome."
+_Q3 = "Which of the two is larger?"
+# Text that looks like template syntax or control tokens must come out verbatim:
+# messages are data to both engines, never template source.
+_TRICKY_USER = (
+    "Print these literally: {{ .System }} {{ .Content }} {% if x %}{{ messages }}{% endif %} "
+    "<|im_end|> <|im_start|>assistant [INST] [/INST] <end_of_turn> <|eot_id|> </s> <|end|>"
+)
+_TRICKY_ASSISTANT = 'Here they are: {{ .System }} <|im_end|> [/INST] <|eot_id|> and a quote """ too.'
+
+# Contents never start or end with whitespace: Llama 3 and Gemma trim
+# content in Jinja, and Go templates have no trim function (Ollama's FuncMap
+# has none), so edge whitespace cannot round-trip for those dialects.
+MESSAGE_MATRIX: Final[tuple[MatrixCase, ...]] = (
+    MatrixCase(name="user", messages=(_user(_Q1),)),
+    MatrixCase(name="system-user", messages=(_system(_SYSTEM_TEXT), _user(_Q1))),
+    MatrixCase(name="user-assistant-user", messages=(_user(_Q1), _assistant(_A1), _user(_Q2))),
+    MatrixCase(
+        name="system-user-assistant-user",
+        messages=(_system(_SYSTEM_TEXT), _user(_Q1), _assistant(_A1), _user(_Q2)),
+    ),
+    MatrixCase(
+        name="several-turns",
+        messages=(_user(_Q1), _assistant(_A1), _user(_Q2), _assistant(_A2), _user(_Q3)),
+    ),
+    MatrixCase(
+        name="system-several-turns",
+        messages=(_system(_SYSTEM_TEXT), _user(_Q1), _assistant(_A1), _user(_Q2), _assistant(_A2), _user(_Q3)),
+    ),
+    MatrixCase(name="final-assistant", messages=(_user(_Q1), _assistant(_A1))),
+    MatrixCase(name="system-final-assistant", messages=(_system(_SYSTEM_TEXT), _user(_Q1), _assistant(_A1))),
+    MatrixCase(name="empty-user", messages=(_user(""),)),
+    MatrixCase(name="empty-system", messages=(_system(""), _user(_Q1))),
+    MatrixCase(name="empty-assistant", messages=(_user(_Q1), _assistant(""), _user(_Q2))),
+    MatrixCase(
+        name="template-syntax-in-content",
+        messages=(_user(_TRICKY_USER), _assistant(_TRICKY_ASSISTANT), _user(_Q3)),
+    ),
+    MatrixCase(
+        name="thinking-in-history",
+        messages=(_user(_Q1), _assistant(_A1, thinking="France's capital is Paris."), _user(_Q2)),
+    ),
+    MatrixCase(
+        name="final-assistant-with-thinking",
+        messages=(_user(_Q1), _assistant(_A1, thinking="France's capital is Paris.")),
+    ),
+    MatrixCase(name="think-off", messages=(_user(_Q1),), think=False),
+    MatrixCase(
+        name="think-off-several-turns",
+        messages=(_user(_Q1), _assistant(_A1), _user(_Q2)),
+        think=False,
+    ),
+)
