@@ -15,6 +15,7 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -75,10 +76,19 @@ class DialectChoice(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    dialect: str
+    dialect: str = Field(description="the dialect whose Go template is used; for format 'jinja' the closest one "
+                                     "(its stops and sampling defaults still apply)")
     verified: bool
     system: str | None
     detail: str
+    format: Literal["template", "jinja"] = Field(
+        "template", description="template: a Go TEMPLATE (verified, or chosen with --dialect); jinja: no Go dialect "
+                                "is exact, so Ollama renders the GGUF's own Jinja chat template (no TEMPLATE)")
+    date_policy: Literal["none", "fixed"] = Field(
+        "none", description="fixed: the model's template prints today's date and the Go TEMPLATE prints the fixed "
+                            "date of the dialect (Ollama's currentDate has one format only, 2006-01-02)")
+    mismatches: list[str] = Field(default_factory=list,
+                                  description="matrix cases the chosen (or closest) dialect renders differently")
 
 
 class PreflightReport(BaseModel):

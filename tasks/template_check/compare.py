@@ -86,6 +86,27 @@ class TemplateCheck(BaseModel):
     )
     warnings: tuple[str, ...] = ()
     trials: tuple[DialectTrial, ...] = ()
+    outcome: Literal["exact", "exact-apart-from-date", "near", "no-match", "unchecked"] = Field(
+        default="exact",
+        description="exact: a dialect renders the model's template on every case; exact-apart-from-date: so too, "
+        "except that the model's template prints today's date where the Go template prints a fixed one; near: the "
+        "closest dialect differs on a few cases (`mismatches`); no-match: nothing close; unchecked: the source has "
+        "no chat template and the dialect was given",
+    )
+    ollama_format: Literal["template", "jinja"] = Field(
+        default="template",
+        description="how Ollama will format chats: template (the dialect's Go TEMPLATE) or jinja (no TEMPLATE: "
+        "Ollama renders the GGUF's own Jinja chat template; the Modelfile then REQUIRES a recent Ollama)",
+    )
+    mismatches: tuple[str, ...] = Field(
+        default=(), description="matrix cases the chosen (or closest) dialect renders differently; empty when exact"
+    )
+    date_policy: Literal["none", "fixed"] = Field(
+        default="none",
+        description="fixed: the model's template prints today's date, the Go TEMPLATE a fixed date (Ollama's "
+        "currentDate prints 2006-01-02 only, so a Go template cannot print the model's format of today)",
+    )
+    date_note: str | None = Field(default=None, description="what each renderer prints for the date, when it matters")
 
 
 def _first_difference(a: str, b: str) -> int:
