@@ -1,0 +1,136 @@
+"""Showing: the report as a Markdown table, a rich table, a size-against-KL plot, files beside the outputs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from registry.models import QuantChoice, QuantMetrics, QuantReport
+from tasks.files import atomic_path
+from tasks.units import human_size
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+_COLUMNS = ("quant", "size", "BPW", "KL mean", "KL p99", "top-1", "PPL", "chat KL", "chat top-1",
+            "prompt t/s", "gen t/s")
+
+
+def _cells(r: QuantMetrics) -> list[str]:
+    ref = " (ref)" if r.is_reference else ""
+    return [
+        f"{r.quant}{ref}",
+        human_size(r.size_bytes),
+        f"{r.bits_per_weight:.2f}",
+        "0" if r.is_reference else f"{r.kl_mean:.4f}",
+        "0" if r.is_reference else f"{r.kl_p99:.4f}",
+        f"{r.top1_agreement:.1%}",
+        f"{r.ppl:.3f}",
+        "–" if r.chat_kl_mean is None else ("0" if r.is_reference else f"{r.chat_kl_mean:.4f}"),
+        "–" if r.chat_top1_agreement is None else f"{r.chat_top1_agreement:.1%}",
+        f"{r.prompt_tps:.0f}",
+        f"{r.gen_tps:.1f}",
+    ]
+
+
+def _footer(report: QuantReport) -> str:
+    cost = f"measured in {report.measure_seconds:.1f} s"
+    if report.quantize_seconds is not None:
+        cost += f" after {report.quantize_seconds:.1f} s quantizing the candidates"
+    return (
+        f"KL divergence and top-1 agreement against {report.reference}, PPL on {report.scored_tokens} scored "
+        f"tokens ({report.n_chunks} chunk(s) of {report.n_ctx}, second halves, as llama-perplexity) of "
+        f"`{report.eval_text}` (sha256 {report.eval_text_sha256[:16]}…)"
+        + (f" and {report.chat_tokens} tokens of {report.reference}'s answers to {report.chat_prompts} chat "
+           "prompt(s)" if report.chat_tokens else "")
+        + f"; speed with {report.n_threads} thread(s) on {report.machine} (load average "
+        f"{report.load_average:.1f}), llama-cpp-python "
+        f"{report.llama_cpp_python}; {cost}."
+    )
+
+
+def report_markdown(report: QuantReport, choice: QuantChoice | None = None) -> str:
+    """A Markdown table, largest file first, for the Prefect artifact and `kiln report DIR`."""
+    lines = ["| " + " | ".join(_COLUMNS) + " |", "| " + " | ".join("---" for _ in _COLUMNS) + " |"]
+    for r in report.by_size():
+        lines.append("| " + " | ".join(_cells(r)) + " |")
+    text = "### Quant types: quality, size, speed\n\n" + "\n".join(lines) + "\n\n" + _footer(report) + "\n"
+    if choice is not None:
+        text += f"\n**Chosen: {choice.quant}.** {choice.reason}.\n"
+    return text
+
+
+def rich_table(report: QuantReport, choice: QuantChoice | None = None) -> Table:
+    """The same table for the terminal (`rich.console.Console().print(rich_table(report))`)."""
+    from rich.table import Table
+
+    table = Table(title="Quant types: quality, size, speed", caption=_footer(report), caption_justify="left")
+    for col in _COLUMNS:
+        table.add_column(col, justify="left" if col == "quant" else "right")
+    for r in report.by_size():
+        style = "bold green" if choice is not None and r.quant == choice.quant else ("dim" if r.is_reference else None)
+        table.add_row(*_cells(r), style=style)
+    return table
+
+
+def plot_report(report: QuantReport, png_path: Path) -> Path:
+    """PNG: file size against mean KL divergence, one labelled point a quant type, f16 as the reference."""
+    # The Agg canvas on a bare Figure: no pyplot, no global backend switch in the caller's process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    quants = [r for r in report.rows if not r.is_reference]
+    positive = [r.kl_mean for r in quants if r.kl_mean > 0]
+    floor = min(positive) / 3 if positive else 1e-4
+    xs = [r.size_bytes / 1e6 for r in quants]
+    ys = [max(r.kl_mean, floor) for r in quants]
+    ax.plot(*zip(*sorted(zip(xs, ys))) if xs else ([], []), color="0.75", zorder=1)
+    ax.scatter(xs, ys, zorder=2, color="tab:blue")
+    for r, x, y in zip(quants, xs, ys):
+        ax.annotate(r.quant, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
+    for r in report.rows:
+        if r.is_reference:
+            # KL 0 has no place on a log axis: f16 sits on the floor, with a dashed line at its size.
+            x = r.size_bytes / 1e6
+            ax.axvline(x, color="tab:red", linestyle="--", linewidth=1, zorder=1)
+            ax.scatter([x], [floor], marker="D", color="tab:red", zorder=3, clip_on=False)
+            ax.annotate(f"{r.quant} (reference, KL 0)", (x, floor), textcoords="offset points",
+                        xytext=(-6, 8), ha="right", fontsize=9, color="tab:red")
+    ax.set_yscale("log")
+    top = max(ys + [floor * 10])
+    ax.set_ylim(floor / 1.5, top * 2)
+    ax.set_xlabel("file size (MB)")
+    ax.set_ylabel(f"mean KL divergence from {report.reference} (nats/token, log scale)")
+    ax.set_title(f"Size against quality: {report.scored_tokens} tokens of {report.eval_text}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    png_path = Path(png_path)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    return png_path
+
+
+def write_report_files(report: QuantReport, out_dir: Path, choice: QuantChoice | None = None,
+                       stem: str = "quant-report") -> dict[str, Path]:
+    """`quant-report.md` and `quant-report.png` beside the outputs; returns their paths."""
+    out_dir = Path(out_dir)
+    md = out_dir / f"{stem}.md"
+    with atomic_path(md) as tmp:
+        tmp.write_text(report_markdown(report, choice), encoding="utf-8")
+    png = plot_report(report, out_dir / f"{stem}.png")
+    return {"markdown": md, "plot": png}
+
+
+def move_chosen(paths: dict[str, Path], choice: QuantChoice, dst: Path) -> Path:
+    """Move the chosen candidate into place (no second quantization); delete the other candidates."""
+    src = paths[choice.quant]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(src), str(dst))
+    for quant, path in paths.items():
+        if quant != choice.quant:
+            path.unlink(missing_ok=True)
+    return dst
