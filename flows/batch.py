@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from registry import load_yaml
 from registry.models import ExportRequest, Manifest
 from tasks.errors import KilnError, SpecInvalid
 
@@ -232,13 +232,9 @@ def load_catalogue(path: str | Path, out_root: str | None = None, check: bool = 
     """Read, validate and expand a catalogue; raise `SpecInvalid` listing every problem before anything runs."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SpecInvalid(f"catalogue {path}: cannot read it ({exc.strerror or exc})") from None
-    except UnicodeDecodeError:
-        raise SpecInvalid(f"catalogue {path}: not UTF-8 text; save it as UTF-8") from None
-    except yaml.YAMLError as exc:
-        raise SpecInvalid(f"catalogue {path}: not valid YAML ({exc})") from None
+        raw = load_yaml(path, "catalogue")  # refuses a key given twice, as registry entries do
+    except SpecInvalid as exc:
+        raise SpecInvalid(f"catalogue {exc}") from None
     if not isinstance(raw, dict):
         raise SpecInvalid(f"catalogue {path}: expected a mapping with `bases:`, found {type(raw).__name__}")
     try:

@@ -41,7 +41,7 @@ from tasks import settings
 from tasks.adapter import AdapterInfo, apply_adapter
 from tasks.convert import cache_entry_intact, convert_to_gguf, gguf_cache_path
 from tasks.errors import KilnError, ToolchainError
-from tasks.manifest import content_key
+from tasks.files import content_key
 from tasks.progress import progress_reporter
 from tasks.quantize import quantize_gguf
 from tasks.toolchain import Toolchain, current_toolchain

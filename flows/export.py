@@ -28,10 +28,9 @@ from tasks.adapter import AdapterInfo
 from tasks.convert import ConversionAhead, output_sha256, place_output, warm_converter
 from tasks.errors import KilnError
 from tasks.fetch import SourceRef, display_name, source_ref
-from tasks.files import remove_stale_temporaries, safe_child, sha256_file
+from tasks.files import content_key, remove_stale_temporaries, safe_child, sha256_file
 from tasks.manifest import (
     KILN_VERSION,
-    content_key,
     find_up_to_date,
     inputs_beyond_source,
     now_iso,

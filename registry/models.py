@@ -22,6 +22,9 @@ from tasks.toolchain import Toolchain
 
 QUANT_NAME_RE = re.compile(r"^[a-z0-9_]+$")
 
+# How a LoRA adapter is applied (tasks/adapter): streamed in, shipped beside, or merged by peft.
+AdapterMode = Literal["merge", "adapter", "peft"]
+
 
 def normalise_quant(name: str) -> str:
     """`Q4_K_M`, `q4_k_m` and ` q4_k_m ` all mean the same quant type."""
@@ -59,7 +62,7 @@ class ExportRequest(BaseModel):
     dialect: str | None = Field(None, description="Chat-template dialect for the Modelfile when the model's own template is not recognised.")
     ollama_name: str | None = Field(None, description="Register the outputs with Ollama under this name (tag = quant type unless given).")
     adapter: str | None = Field(None, description="A PEFT LoRA adapter folder to apply to the base.")
-    adapter_mode: Literal["merge", "adapter", "peft"] = Field(
+    adapter_mode: AdapterMode = Field(
         "merge",
         description=(
             "merge: fold the adapter into the base GGUF tensor by tensor (streaming); adapter: ship a GGUF LoRA "

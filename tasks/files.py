@@ -14,11 +14,16 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tasks import settings
 from tasks.errors import KilnError, NotEnoughDisk, OutputDirInvalid
+from tasks.units import human_size
+
+if TYPE_CHECKING:  # registry.models imports this module (through tasks.toolchain)
+    from registry.models import SourceFile
 
 TEMP_PREFIX = ".kiln-tmp-"
 # A write that fails with one of these failed for want of space (bytes, inodes or quota), not for a bug.
@@ -30,6 +35,14 @@ def cache_dir() -> Path:
     root = settings.cache_root()
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+def content_key(files: Iterable[SourceFile]) -> str:
+    """A short key for a set of source files: equal content gives an equal key, wherever the folder is."""
+    digest = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.path):
+        digest.update(f"{f.path}\0{f.sha256}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def sha256_file(path: Path) -> str:
@@ -46,13 +59,6 @@ def sha256_text(text: str) -> str:
 def is_disk_full(exc: BaseException) -> bool:
     """True for an `OSError` that says the disk (or the quota, or the inode table) is full."""
     return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
-
-
-def human_bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n} bytes"
 
 
 def _written(tmp: Path) -> int:
@@ -78,11 +84,11 @@ def disk_full(final: Path, *, step: str | None = None, written: int = 0, need: i
         free = stats.f_bavail * stats.f_frsize
         no_inodes = stats.f_files > 0 and stats.f_favail == 0
     what = f"step {step!r}" if step else "a write"
-    parts = [f"{what} ran out of disk space writing {name} in {folder}: {human_bytes(written)} written"]
+    parts = [f"{what} ran out of disk space writing {name} in {folder}: {human_size(written)} written"]
     if need:
-        parts.append(f"it needs about {human_bytes(need)}")
+        parts.append(f"it needs about {human_size(need)}")
     if free is not None:
-        parts.append(f"{human_bytes(free)} free" + (" and no free inodes (files) left" if no_inodes else ""))
+        parts.append(f"{human_size(free)} free" + (" and no free inodes (files) left" if no_inodes else ""))
     message = "; ".join(parts)
     if cause:
         message += f" ({cause})"

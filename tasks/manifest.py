@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from registry.models import ExportRequest, Manifest, OutputFile, SourceFile
 from tasks.errors import KilnError
 from tasks.fetch import SourceRef, fingerprint, model_files, source_ref
-from tasks.files import safe_child, sha256_file, write_text_atomic
+from tasks.files import content_key, safe_child, sha256_file, write_text_atomic
 from tasks.toolchain import Toolchain, current_toolchain
 
 MANIFEST_NAME = "manifest.json"
@@ -25,14 +25,6 @@ KILN_VERSION = "0.1.0"
 
 # Request fields that do not change what is written.
 _NON_OUTPUT_FIELDS = {"out_dir", "verify", "accept_license", "placement"}
-
-
-def content_key(files: list[SourceFile]) -> str:
-    """A short key for a set of source files: equal content gives an equal key, wherever the folder is."""
-    digest = hashlib.sha256()
-    for f in sorted(files, key=lambda f: f.path):
-        digest.update(f"{f.path}\0{f.sha256}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def request_key(request: ExportRequest, files: list[SourceFile], toolchain: Toolchain, extra: str = "") -> str:

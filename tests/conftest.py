@@ -54,7 +54,7 @@ def demo_f16_gguf(demo_model_dir: Path, toolchain) -> Path:
     """The demo model converted to f16 GGUF by the pinned converter, once per session."""
     from tasks.convert import convert_to_gguf
     from tasks.fetch import fingerprint, model_files
-    from tasks.manifest import content_key
+    from tasks.files import content_key
 
     key = content_key(fingerprint(model_files(demo_model_dir), demo_model_dir))
     return convert_to_gguf(demo_model_dir, key, "f16", toolchain)[0]
