@@ -207,7 +207,7 @@ def main() -> None:
     from tasks.convert import convert_to_gguf
     from tasks.demo import ensure_demo_model
     from tasks.fetch import fingerprint, model_files
-    from tasks.manifest import content_key
+    from tasks.files import content_key
     from tasks.toolchain import current_toolchain
 
     work = args.work or Path(tempfile.mkdtemp(prefix="kiln-bench-merge-"))

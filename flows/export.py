@@ -7,6 +7,8 @@ The re-run check (`tasks.manifest.find_up_to_date`) runs in the CLI before this 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock
@@ -19,16 +21,15 @@ from registry.models import (
     ExportRequest,
     Manifest,
     OllamaPlan,
-    OutputFile,
     QuantChoice,
     QuantReport,
     ResolvedSource,
 )
 from tasks.adapter import AdapterInfo
-from tasks.convert import ConversionAhead, output_sha256, place_output, warm_converter
+from tasks.convert import ConversionAhead, warm_converter
 from tasks.errors import KilnError
 from tasks.fetch import SourceRef, display_name, source_ref
-from tasks.files import content_key, remove_stale_temporaries, safe_child, sha256_file
+from tasks.files import content_key
 from tasks.manifest import (
     KILN_VERSION,
     find_up_to_date,
@@ -37,13 +38,10 @@ from tasks.manifest import (
     request_key,
     write_manifest,
 )
+from tasks.outputs import place_outputs, record_output, ship_adapter_lora
 from tasks.toolchain import Toolchain, current_toolchain
 
 EXPORT_LOCK = ".kiln-export.lock"
-
-
-def output_name(stem: str, quant: str) -> str:
-    return f"{stem}-{quant}.gguf"
 
 
 def warm_converter_ahead(request: ExportRequest) -> None:
@@ -68,106 +66,101 @@ def warm_converter_ahead(request: ExportRequest) -> None:
         pass
 
 
+class StepTimes:
+    """Seconds each step took, for the manifest: `with times("verify"): ...`."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+
+    def total(self) -> dict[str, float]:
+        return {**self.timings, "total": round(time.perf_counter() - self.started, 3)}
+
+
 def run_export(request: ExportRequest) -> Manifest:
     """Every step of an export, in order; runs inside the `export` flow."""
     from tasks.fetch import fetch_source, locate_metadata
     from tasks.modelfile import write_modelfiles
-    from tasks.preflight import confirm_with_converter, conversion_can_start_early, run_preflight
+    from tasks.preflight import (
+        confirm_with_converter,
+        conversion_can_start_early,
+        run_preflight,
+    )
     from tasks.report import measure_quants, write_report_files
     from tasks.verify import verify_outputs
 
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def lap(name: str, t0: float) -> None:
-        timings[name] = round(time.perf_counter() - t0, 3)
-
+    times = StepTimes()
     out_dir = Path(request.out_dir)
-    t0 = time.perf_counter()
-    toolchain = current_toolchain()
-    ref = source_ref(request)
-    metadata_folder, derived_from = locate_metadata(ref)
-    early = conversion_can_start_early(ref, metadata_folder, request, toolchain)
-    if early:
-        warm_converter(toolchain)  # its import overlaps the checks below
-    report = run_preflight.task(ref, metadata_folder, request, toolchain, ask_converter=not early)
-    lap("preflight", t0)
+    asked = request  # what the manifest records; `request` below may carry the type `auto` chose
 
-    t0 = time.perf_counter()
-    source = fetch_source.task(ref, metadata_folder, derived_from)
-    lap("fetch", t0)
+    with times("preflight"):
+        toolchain = current_toolchain()
+        ref = source_ref(request)
+        metadata_folder, derived_from = locate_metadata(ref)
+        early = conversion_can_start_early(ref, metadata_folder, request, toolchain)
+        if early:
+            warm_converter(toolchain)  # its import overlaps the checks below
+        report = run_preflight.task(ref, metadata_folder, request, toolchain, ask_converter=not early)
+
+    with times("fetch"):
+        source = fetch_source.task(ref, metadata_folder, derived_from)
 
     if early:
         # Weights on disk and the probe not cached: convert while the converter is asked, not after.
-        t0 = time.perf_counter()
-        ahead = ConversionAhead(Path(source.path), content_key(source.files), request.outtype, toolchain)
-        try:
-            report = confirm_with_converter.task(report, ref, metadata_folder, toolchain)
-        except BaseException:
-            ahead.cancel()
-            raise
-        lap("probe beside conversion", t0)
+        with times("probe beside conversion"):
+            ahead = ConversionAhead(Path(source.path), content_key(source.files), request.outtype, toolchain)
+            try:
+                report = confirm_with_converter.task(report, ref, metadata_folder, toolchain)
+            except BaseException:
+                ahead.cancel()
+                raise
 
-    t0 = time.perf_counter()
-    asked = request  # what the manifest records; `request` below may carry the type `auto` chose
-    choice = None
-    if request.quants == ["auto"]:
-        request, choice, auto_report = choose_quant_by_measuring(source, request, toolchain, report.adapter)
-    # placement: inline here, or the convert-quantize deployment on a cpu/gpu worker (flows/convert_quantize.py).
-    cached = run_placed(source, request, toolchain, report.adapter)
-    lap("convert_quantize", t0)
+    with times("convert_quantize"):
+        choice = auto_report = None
+        if request.quants == ["auto"]:
+            request, choice, auto_report = choose_quant_by_measuring(source, request, toolchain, report.adapter)
+        # placement: inline here, or the convert-quantize deployment on a cpu/gpu worker (flows/convert_quantize.py).
+        cached = run_placed(source, request, toolchain, report.adapter)
     float_label = next(iter(cached))
 
     checks: list[Check] = list(report.checks)
     if request.verify:
-        t0 = time.perf_counter()
-        hf_dir = Path(source.path) if source.kind != "gguf" else None
-        checks += verify_outputs.task(cached, hf_dir, float_label if hf_dir else None)
-        lap("verify", t0)
+        with times("verify"):
+            hf_dir = Path(source.path) if source.kind != "gguf" else None
+            checks += verify_outputs.task(cached, hf_dir, float_label if hf_dir else None)
 
-    quant_report = None
-    if choice is not None:
-        quant_report = auto_report
-    elif request.report and len(cached) > 1:
-        t0 = time.perf_counter()
-        quant_report = measure_quants.task(cached[float_label], {q: p for q, p in cached.items() if q != float_label},
-                                           reference_name=float_label)
-        lap("report", t0)
+    quant_report = auto_report
+    if choice is None and request.report and len(cached) > 1:
+        with times("report"):
+            quant_report = measure_quants.task(cached[float_label], {q: p for q, p in cached.items() if q != float_label},
+                                               reference_name=float_label)
 
-    t0 = time.perf_counter()
-    stem = request.name or display_name(ref)
-    remove_stale_temporaries(out_dir)
-    placed: dict[str, str] = {}
-    # The user's quant types first: a tagged --ollama-name goes to their first choice.
-    for quant in [q for q in request.quants if q in cached] + [q for q in cached if q not in request.quants]:
-        final = safe_child(out_dir, output_name(stem, quant))
-        place_output(cached[quant], final)
-        placed[quant] = final.name
-    lora_name = None
-    if report.adapter is not None and request.adapter_mode == "adapter":
-        from tasks.adapter import convert_adapter_to_gguf
-
-        lora_gguf, _ = convert_adapter_to_gguf(Path(request.adapter), Path(source.path), toolchain, info=report.adapter)
-        lora_name = safe_child(out_dir, f"{stem}-lora.gguf").name
-        place_output(lora_gguf, out_dir / lora_name)
-    ollama = None
-    if report.chat is not None:
-        ollama = write_modelfiles.task(out_dir, placed, report.chat.dialect, report.chat.verified, report.chat.system,
-                                       licence_line(ref), request.ollama_name, lora_name)
-    outputs = [record_output(out_dir, name, quant, cached[quant]) for quant, name in placed.items()]
-    if lora_name is not None:
-        outputs.append(record_output(out_dir, lora_name, "lora", lora_gguf))
-    if quant_report is not None:
-        write_report_files(quant_report, out_dir, choice)
-    if ollama is not None:
-        outputs += [record_output(out_dir, m.modelfile, m.quant) for m in ollama.models]
-    lap("outputs", t0)
+    with times("outputs"):
+        stem = request.name or display_name(ref)
+        placed = place_outputs.task(out_dir, stem, cached, request.quants)
+        outputs = [record_output(out_dir, name, quant, cached[quant]) for quant, name in placed.items()]
+        lora_name = None
+        if report.adapter is not None and request.adapter_mode == "adapter":
+            lora_name, lora_gguf = ship_adapter_lora.task(out_dir, stem, Path(request.adapter), Path(source.path),
+                                                          toolchain, report.adapter)
+            outputs.append(record_output(out_dir, lora_name, "lora", lora_gguf))
+        ollama = None
+        if report.chat is not None:
+            ollama = write_modelfiles.task(out_dir, placed, report.chat.dialect, report.chat.verified,
+                                           report.chat.system, licence_line(ref), request.ollama_name, lora_name)
+            outputs += [record_output(out_dir, m.modelfile, m.quant) for m in ollama.models]
+        if quant_report is not None:
+            write_report_files(quant_report, out_dir, choice)
 
     if ollama is not None and request.ollama_name:
-        t0 = time.perf_counter()
-        checks.append(register_or_defer(out_dir, ollama))
-        lap("register", t0)
-    timings["total"] = round(time.perf_counter() - started, 3)
+        with times("register"):
+            checks.append(register_or_defer(out_dir, ollama))
 
     manifest = Manifest(
         kiln_version=KILN_VERSION,
@@ -177,7 +170,7 @@ def run_export(request: ExportRequest) -> Manifest:
         toolchain=toolchain,
         outputs=outputs,
         checks=checks,
-        timings=timings,
+        timings=times.total(),
         created_at=now_iso(),
         ollama=ollama,
         report=quant_report,
@@ -209,13 +202,6 @@ def choose_quant_by_measuring(
     choice = choose_quant(measured, parse_size(request.max_size) if request.max_size else None, request.max_kl)
     get_run_logger().info("--quant auto chose %s: %s", choice.quant, choice.reason)
     return request.model_copy(update={"quants": [choice.quant]}), choice, measured
-
-
-def record_output(out_dir: Path, name: str, quant: str, entry: Path | None = None) -> OutputFile:
-    """The manifest's line for one output; one placed from cache `entry` takes the entry's stamp."""
-    path = out_dir / name
-    digest = output_sha256(path, entry) if entry is not None else sha256_file(path)
-    return OutputFile(path=name, quant=quant, size=path.stat().st_size, sha256=digest)
 
 
 def licence_line(ref: SourceRef) -> str | None:

@@ -19,6 +19,7 @@ pytest_plugins = [
     "tests.fixtures_gotemplate",
     "tests.fixtures_hub",
     "tests.fixtures_ollama",
+    "tests.fixtures_prefect",
 ]
 pytest.register_assert_rewrite("tests.hub_faults_proxy")
 

@@ -67,7 +67,7 @@ def adapter_info(peft_adapter: Path, demo_model_dir: Path):
 @pytest.fixture(scope="session")
 def demo_base_key(demo_model_dir: Path) -> str:
     from tasks.fetch import fingerprint, model_files
-    from tasks.manifest import content_key
+    from tasks.files import content_key
 
     return content_key(fingerprint(model_files(demo_model_dir), demo_model_dir))
 

@@ -231,3 +231,28 @@ class PrefectServer:
         for worker in self.workers:
             parts.append(f"--- {worker.pool} worker log\n{tail(worker.log, 3000)}")
         return "\n".join(parts)
+
+
+def task_states_by_kind(server: PrefectServer, flow_run_ids: list[str], expect: int, timeout: float = 30) -> dict[str, list[str]]:
+    """State names of the convert and quantize task runs of these flow runs (task runs are recorded from events)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = server.task_runs(flow_run_ids)
+        kinds: dict[str, list[str]] = {"convert": [], "quantize": []}
+        for run in runs:
+            kind = run["name"].rsplit("-", 1)[0]
+            if kind in kinds and run.get("state"):
+                kinds[kind].append(run["state"]["name"])
+        if sum(map(len, kinds.values())) >= expect or time.monotonic() > deadline:
+            return kinds
+        time.sleep(1)
+
+
+def logs_once(server: PrefectServer, flow_run_id: str, wanted: str, timeout: float = 20) -> str:
+    """A flow run's logs, once `wanted` has arrived (logs reach the server in batches)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        logs = server.logs(flow_run_id)
+        if wanted in logs or time.monotonic() > deadline:
+            return logs
+        time.sleep(1)
