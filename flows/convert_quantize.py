@@ -25,12 +25,10 @@ docs/deployments.md for workers on several machines.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -59,36 +57,6 @@ class PlacementFailed(KilnError):
     """The convert-quantize run on a work pool could not start, failed, or left files this worker cannot see."""
 
 
-# ---------------------------------------------------------------- Prefect caching
-
-
-def _convert_cache_key(_ctx: Any, params: dict[str, Any]) -> str:
-    return _path_key("kiln-convert", gguf_cache_path(params["content_key"], params["outtype"], params["toolchain"]))
-
-
-def _quantize_cache_key(_ctx: Any, params: dict[str, Any]) -> str:
-    return _path_key("kiln-quantize", Path(params["dst"]), Path(params["src"]))
-
-
-def _path_key(prefix: str, *paths: Path) -> str:
-    """A cache key naming whole paths: a run with another KILN_CACHE_DIR must not get this cache's entries."""
-    digest = hashlib.sha256("\0".join(str(p) for p in paths).encode()).hexdigest()[:24]
-    return f"{prefix}-{paths[0].name}-{digest}"
-
-
-@lru_cache(maxsize=None)
-def cached_task(step_name: str) -> Any:
-    """The step's Prefect task, cached across runs by the cache file it writes plus its own source."""
-    from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
-
-    step, key_fn = {
-        "convert": (convert_to_gguf, _convert_cache_key),
-        "quantize": (quantize_gguf, _quantize_cache_key),
-    }[step_name]
-    return step.task.with_options(cache_policy=CacheKeyFnPolicy(cache_key_fn=key_fn) + TASK_SOURCE,
-                                  persist_result=True)
-
-
 def _was_cached(state: Any) -> bool:
     return state is not None and state.name == "Cached"
 
@@ -105,13 +73,16 @@ def _config(source: ResolvedSource) -> dict[str, Any]:
 
 
 def quant_memory_budget() -> int:
-    """Bytes the parallel quantizations may use together: `KILN_QUANT_MEMORY_GB`, else half the available memory."""
+    """Bytes the parallel quantizations may use together: the memory budget (`--memory-budget`,
+    `KILN_MEMORY_BUDGET`), unless the older `KILN_QUANT_MEMORY_GB` names one for them alone.
+
+    The quantizations are the only step running while they run (verify and the report come after),
+    so they may have the whole budget.
+    """
     explicit = settings.quant_memory_gib()
     if explicit is not None:
         return int(explicit * (1 << 30))
-    import psutil
-
-    return psutil.virtual_memory().available // 2
+    return settings.memory_budget_bytes()
 
 
 def quant_job_memory(base: Path, config: dict[str, Any]) -> int:
@@ -166,7 +137,7 @@ def convert_and_quantize(
         logger.info("prebuilt %s GGUF: no conversion", base_label)
     else:
         base_label = request.outtype
-        task = cached_task("convert")  # publishes its own progress artifact while converting (tasks/convert.py)
+        task = convert_to_gguf.task  # publishes its own progress artifact while converting (tasks/convert.py)
         args = (Path(source.path), key, request.outtype, toolchain)
         state = task(*args, return_state=True)
         base, reused = state.result()
@@ -198,7 +169,7 @@ def convert_and_quantize(
     logger.info("quantizing %s: %d at a time, %d thread(s) each (memory budget %.1f GB, %.2f GB a job)",
                 ", ".join(todo), workers, threads, budget / 1e9, per_job / 1e9)
     progress = progress_reporter(f"quantize {source.id}: {', '.join(todo)}", key="kiln-quantize")
-    task = cached_task("quantize")
+    task = quantize_gguf.task
     done = 0
 
     def finish(quant: str, future: Any) -> None:

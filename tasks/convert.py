@@ -21,6 +21,7 @@ from tasks.files import (
     atomic_path,
     cache_dir,
     disk_full,
+    path_cache_key,
     remove_stale_temporaries,
     sha256_file,
     write_text_atomic,
@@ -107,7 +108,11 @@ def converter_cause(lines: list[str]) -> str:
     return lines[-1].strip() if lines else "no output"
 
 
-@step(name="convert")
+def _convert_cache_key(_ctx: Any, params: dict[str, Any]) -> str:
+    return path_cache_key("kiln-convert", gguf_cache_path(params["content_key"], params["outtype"], params["toolchain"]))
+
+
+@step(name="convert", cache_key=_convert_cache_key)
 def convert_to_gguf(
     model_dir: Path,
     content_key: str,

@@ -45,6 +45,12 @@ def content_key(files: Iterable[SourceFile]) -> str:
     return digest.hexdigest()[:16]
 
 
+def path_cache_key(prefix: str, *paths: Path) -> str:
+    """A Prefect cache key naming whole paths: a run with another KILN_CACHE_DIR must not get this cache's entries."""
+    digest = hashlib.sha256("\0".join(str(p) for p in paths).encode()).hexdigest()[:24]
+    return f"{prefix}-{paths[0].name}-{digest}"
+
+
 def sha256_file(path: Path) -> str:
     # file_digest reads into one reused buffer; a fresh bytes object a chunk costs page faults
     # on every chunk, which on these machines is a large share of hashing a GGUF.

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.errors import QuantizationFailed, QuantTypeUnknown
+from tasks.files import path_cache_key
 from tasks.progress import log_in_run
 from tasks.step import step
 
@@ -120,7 +121,11 @@ def _route_libllama_log() -> Any:
     return route  # libllama keeps only the pointer: the callback must live as long as the process
 
 
-@step(name="quantize")
+def _quantize_cache_key(_ctx: Any, params: dict[str, Any]) -> str:
+    return path_cache_key("kiln-quantize", Path(params["dst"]), Path(params["src"]))
+
+
+@step(name="quantize", cache_key=_quantize_cache_key)
 def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None, at_once: int | None = None) -> Path:
     """Write `dst` as `quant` from the GGUF `src` (a cache entry: reused while its hash holds).
 

@@ -13,14 +13,16 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
+CacheKeyFn = Callable[[Any, dict[str, Any]], str]
 
 
 class Step(Generic[P, R]):
     """A plain function plus the Prefect task that runs it, built lazily."""
 
-    def __init__(self, fn: Callable[P, R], options: dict[str, Any]):
+    def __init__(self, fn: Callable[P, R], options: dict[str, Any], cache_key: CacheKeyFn | None = None):
         self.fn = fn
         self.options = options
+        self.cache_key = cache_key
         self._task: Any = None
         self.__doc__ = fn.__doc__
         self.__name__ = fn.__name__
@@ -34,14 +36,26 @@ class Step(Generic[P, R]):
         if self._task is None:
             from prefect import task
 
-            self._task = task(self.fn, **self.options)
+            options = dict(self.options)
+            if self.cache_key is not None:
+                # The default policy also keys on the run id, so nothing would be shared across runs;
+                # the step's own source in the key drops results of an older version of the step.
+                from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
+
+                options.update(cache_policy=CacheKeyFnPolicy(cache_key_fn=self.cache_key) + TASK_SOURCE,
+                               persist_result=True)
+            self._task = task(self.fn, **options)
         return self._task
 
 
-def step(**options: Any) -> Callable[[Callable[P, R]], Step[P, R]]:
-    """Mark a function as a DAG step; `options` go to `prefect.task` (name, retries, tags, ...)."""
+def step(*, cache_key: CacheKeyFn | None = None, **options: Any) -> Callable[[Callable[P, R]], Step[P, R]]:
+    """Mark a function as a DAG step; `options` go to `prefect.task` (name, retries, tags, ...).
+
+    `cache_key(context, parameters)` makes the task's result shared across runs under that key
+    (persisted), together with the step's own source.
+    """
 
     def wrap(fn: Callable[P, R]) -> Step[P, R]:
-        return Step(fn, options)
+        return Step(fn, options, cache_key)
 
     return wrap

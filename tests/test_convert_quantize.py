@@ -24,8 +24,8 @@ def test_quantizations_in_parallel_stay_within_the_memory_budget(monkeypatch):
 
 
 def test_prefect_cache_keys_follow_content_not_folders(toolchain):
-    from flows.convert_quantize import _convert_cache_key, _quantize_cache_key
-    from tasks.convert import gguf_cache_path
+    from tasks.convert import _convert_cache_key, gguf_cache_path
+    from tasks.quantize import _quantize_cache_key
 
     a = _convert_cache_key(None, {"model_dir": Path("/a"), "content_key": "k1", "outtype": "f16", "toolchain": toolchain})
     b = _convert_cache_key(None, {"model_dir": Path("/b"), "content_key": "k1", "outtype": "f16", "toolchain": toolchain})
