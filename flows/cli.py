@@ -18,11 +18,15 @@ from typing import Any
 import click
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tasks.errors import KilnError, SpecInvalid
 
 console = Console(stderr=True)
+# rich reads `[...]` in a printed string as markup: every string that did not come from Kiln's own
+# code (an error naming a path, a template's `[/INST]`, a model name) goes through `escape`, or is
+# printed with markup=False.
 DEMO_QUANTS = ("q8_0", "q4_k_m")
 
 
@@ -34,7 +38,7 @@ def fail_cleanly(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except KilnError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             sys.exit(exc.exit_code)
 
     return wrapper
@@ -51,27 +55,28 @@ def build_request(**fields: Any):
 
 
 def print_summary(manifest, status: str) -> None:
-    table = Table(title=f"{manifest.source.kind} {manifest.source.id} → {manifest.request.out_dir}")
+    table = Table(title=escape(f"{manifest.source.kind} {manifest.source.id} → {manifest.request.out_dir}"))
     for col in ("file", "quant", "size (MB)", "sha256"):
         table.add_column(col, justify="right" if col == "size (MB)" else "left")
     for out in manifest.outputs:
-        table.add_row(out.path, out.quant, f"{out.size / 1e6:.1f}", out.sha256[:16] + "…")
+        table.add_row(escape(out.path), escape(out.quant), f"{out.size / 1e6:.1f}", out.sha256[:16] + "…")
     console.print(table)
     checks = Table(title="checks")
     for col in ("check", "target", "result", "detail"):
         checks.add_column(col)
     for check in manifest.checks:
-        checks.add_row(check.name, check.target, "[green]pass[/]" if check.passed else "[red]FAIL[/]", check.detail)
+        checks.add_row(escape(check.name), escape(check.target), "[green]pass[/]" if check.passed else "[red]FAIL[/]",
+                       escape(check.detail or ""))
     console.print(checks)
     if manifest.report is not None:
         from tasks.report import rich_table
 
         console.print(rich_table(manifest.report, manifest.choice))
         if manifest.choice is not None:
-            console.print(f"--quant auto chose [bold]{manifest.choice.quant}[/]: {manifest.choice.reason}")
+            console.print(f"--quant auto chose [bold]{escape(manifest.choice.quant)}[/]: {escape(manifest.choice.reason)}")
     if manifest.timings:
         console.print("times (s): " + ", ".join(f"{k} {v:g}" for k, v in manifest.timings.items()))
-    console.print(f"[bold green]{status}[/]")
+    console.print(f"[bold green]{escape(status)}[/]")
 
 
 def preflight_before_prefect(request) -> None:
@@ -121,7 +126,7 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
         status = f"outputs in {request.out_dir} are up to date (hashes match the manifest); nothing to do"
     else:
         preflight_before_prefect(request)
-        console.print(f"exporting ({why})")
+        console.print(f"exporting ({why})", markup=False)
         from flows.export import export
         from flows.heartbeats import without_heartbeats
 
@@ -131,7 +136,7 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
         status = f"exported to {request.out_dir}"
     if as_json:
         click.echo(manifest.model_dump_json(indent=2))
-        console.print(status)
+        console.print(status, markup=False)
     else:
         print_summary(manifest, status)
 
@@ -222,7 +227,7 @@ def batch_command(catalogue: Path, out_root: str | None, check: bool, force: boo
     items = load_catalogue(catalogue, out_root)
     for item in items:
         console.print(f"{item.name}: {item.request.source} → {item.request.out_dir} ({', '.join(item.request.quants)})",
-                      highlight=False)
+                      highlight=False, markup=False)
     if check:
         console.print(f"[green]✓[/] {len(items)} catalogue items valid")
         return
@@ -265,7 +270,7 @@ def report_command(out_dir: Path, as_json: bool) -> None:
         click.echo(manifest.report.model_dump_json(indent=2))
     else:
         console.print(rich_table(manifest.report, manifest.choice))
-        console.print(report_markdown(manifest.report, manifest.choice).splitlines()[-1], highlight=False)
+        console.print(report_markdown(manifest.report, manifest.choice).splitlines()[-1], highlight=False, markup=False)
 
 
 @cli.command("setup")
@@ -279,9 +284,9 @@ def setup_command(sdist: Path | None) -> None:
 
     ensure_converter_source(sdist)
     toolchain = current_toolchain()
-    console.print(f"converter: {toolchain.converter_source} (sha256 {toolchain.converter_sha256[:16]}…)")
+    console.print(f"converter: {toolchain.converter_source} (sha256 {toolchain.converter_sha256[:16]}…)", markup=False)
     folder, derived = ensure_demo_model()
-    console.print(f"demo model: {folder}\n  derived from {derived}")
+    console.print(f"demo model: {folder}\n  derived from {derived}", markup=False)
 
 
 @cli.group("template")
@@ -292,21 +297,32 @@ def template_group() -> None:
 @template_group.command("check")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @click.option("--dialect", help="Check this dialect only, instead of finding the one that fits.")
+@click.option("--bos-token", help="The model's BOS token, for a bare .jinja file that uses bos_token "
+                                  "(a model folder or a GGUF names its own).")
+@click.option("--eos-token", help="The model's EOS token, for a bare .jinja file that uses eos_token.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @fail_cleanly
-def template_check_command(source: Path, dialect: str | None, as_json: bool) -> None:
-    """Which dialect fits SOURCE's chat template (a .jinja file, a model folder or a GGUF), and is it exact?"""
-    from tasks.template_check import check_template
+def template_check_command(source: Path, dialect: str | None, bos_token: str | None, eos_token: str | None,
+                           as_json: bool) -> None:
+    """Which dialect fits SOURCE's chat template (a .jinja file, a model folder or a GGUF), and is it exact?
 
-    check = check_template(source, dialect=dialect)
+    The outcome is one of: exact; exact apart from the date (the model's template prints today's
+    date, the Go template a fixed one); near (the closest dialect differs on a few named cases);
+    no dialect is exact. Without an exact dialect, `kiln export` has Ollama render the model's own
+    Jinja template (ollama_format "jinja") unless --dialect asks for a Go template.
+    """
+    from tasks.template_check import check_template, outcome_lines
+
+    check = check_template(source, dialect=dialect, bos_token=bos_token, eos_token=eos_token)
     if as_json:
         click.echo(check.model_dump_json(indent=2))
         return
-    console.print(f"dialect: [bold]{check.dialect}[/]  verified: {'yes' if check.verified else 'no'} "
-                  f"({check.cases_checked} of {check.matrix_size} conversations rendered identically)")
-    console.print(f"default system prompt (Modelfile SYSTEM): {check.system!r}")
+    console.print(f"dialect: [bold]{escape(str(check.dialect))}[/]  verified: {'yes' if check.verified else 'no'}  "
+                  f"ollama format: {check.ollama_format}")
+    for line in outcome_lines(check):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     for warning in check.warnings:
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
 @cli.command("register")
@@ -333,12 +349,12 @@ def register_command(out_dir: Path, ollama_name: str | None, host: str | None) -
 
     def progress(event) -> None:
         if event.phase != "upload" or event.completed == event.total:
-            console.print(f"  {event.phase}: {event.message}", highlight=False)
+            console.print(f"  {event.phase}: {event.message}", highlight=False, markup=False)
 
     results = register_outputs(out_dir, plan, host, progress=progress)
     write_manifest(out_dir, manifest)
     for result in results:
-        console.print(f"[green]registered[/] {result.name} ({result.uploaded_bytes / 1e6:.1f} MB uploaded)")
+        console.print(f"[green]registered[/] {escape(result.name)} ({result.uploaded_bytes / 1e6:.1f} MB uploaded)")
 
 
 @cli.group("registry")
@@ -386,7 +402,7 @@ def registry_check() -> None:
         except KilnError as exc:
             problems.append(str(exc))
     for problem in problems:
-        console.print(f"[red]✗[/] {problem}", highlight=False)
+        console.print(f"[red]✗[/] {escape(problem)}", highlight=False)
     if problems:
         raise SpecInvalid(f"{len(problems)} of {count} registry entries are invalid")
     console.print(f"[green]✓[/] {count} registry entries valid")

@@ -133,7 +133,7 @@ def run_export(request: ExportRequest) -> Manifest:
     if request.verify:
         with times("verify"):
             hf_dir = Path(source.path) if source.kind != "gguf" else None
-            checks += verify_outputs.task(cached, hf_dir, float_label if hf_dir else None)
+            checks += verify_outputs.task(cached, hf_dir, float_label if hf_dir else None, chat=report.chat)
 
     quant_report = auto_report
     if choice is None and request.report and len(cached) > 1:

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from registry.models import Check, ExportRequest
 from registry.spec import BaseModelSpec
+from tasks import settings
 from tasks.adapter import AdapterInfo
 from tasks.convert import run_converter
 from tasks.errors import (
@@ -42,6 +43,7 @@ from tasks.fetch import (
     read_config,
 )
 from tasks.files import cache_dir, sha256_file, sha256_text, write_text_atomic
+from tasks.memory import check_memory, estimate_memory
 from tasks.quantize import (
     BITS_PER_WEIGHT,
     FLOAT_TYPES,
@@ -51,6 +53,7 @@ from tasks.quantize import (
 )
 from tasks.step import step
 from tasks.toolchain import Toolchain, registered_architectures
+from templates import registered_dialects
 
 # Room for temporaries and logs on top of the estimate.
 DISK_MARGIN = 1.10
@@ -103,26 +106,37 @@ class PreflightReport(BaseModel):
     adapter: AdapterInfo | None = None
 
 
-def choose_dialect(template_source: Path, wanted: str | None) -> DialectChoice | None:
-    """The dialect whose Go template renders what the model's Jinja template renders.
+def choose_dialect(template_source: Path, wanted: str | None, hint: str | None = None) -> DialectChoice | None:
+    """How Ollama will format chats for this model, from its own chat template.
 
-    `wanted` (the spec's dialect or --dialect) is checked rather than searched for.
-    A model with no chat template and no dialect gets no Modelfile: None.
+    `wanted` (--dialect) asks for that dialect's Go template: used when exact or near, refused
+    otherwise. `hint` (the registry entry's dialect) is preferred when it is exact, but a search
+    over every dialect decides. With no exact dialect and nothing asked for, the choice is
+    format "jinja": Ollama renders the GGUF's own Jinja template (the closest dialect still gives
+    the stops). A source with no chat template gets the asked-for or hinted dialect unverified,
+    and with neither no Modelfile: None.
     """
-    from tasks.template_check import GoToolchainMissing, NoChatTemplate, check_template
+    from tasks.template_check import GoToolchainMissing, NoChatTemplate, check_template, outcome_lines
 
     try:
-        check = check_template(template_source, dialect=wanted)
+        check = check_template(template_source, dialect=wanted, prefer=None if wanted else hint)
     except NoChatTemplate:
-        return None
+        if hint is None:
+            return None
+        return DialectChoice(dialect=hint, verified=False, system=None,
+                             detail=f"{hint}: the registry's dialect; the source has no chat template to check it with")
     except GoToolchainMissing as exc:
-        if wanted is None:
+        if wanted is None and hint is None:
             raise
-        return DialectChoice(dialect=wanted, verified=False, system=None, detail=f"not verified: {exc}")
+        name = wanted or hint
+        assert name is not None
+        return DialectChoice(dialect=name, verified=False, system=None, detail=f"{name}: not verified: {exc}")
     assert check.dialect is not None
-    detail = (f"{check.dialect}: Go template renders the model's template exactly on {check.cases_checked} cases"
-              if check.verified else f"{check.dialect}: not verified against the model's template")
-    return DialectChoice(dialect=check.dialect, verified=check.verified, system=check.system, detail=detail)
+    return DialectChoice(
+        dialect=check.dialect, verified=check.verified, system=check.system,
+        detail=" ".join(outcome_lines(check)[:1] + [f"(Ollama format: {check.ollama_format})"]),
+        format=check.ollama_format, date_policy=check.date_policy, mismatches=list(check.mismatches),
+    )
 
 
 def check_output_dir(out_dir: Path) -> None:
@@ -258,10 +272,17 @@ def check_license(spec: BaseModelSpec | None, accepted: bool) -> None:
 
 
 def estimate_bytes(params: int, request: ExportRequest, base_cached: bool) -> int:
+    """Disk the export writes: the float GGUF in the cache, every output, and the temporaries."""
+    from tasks.report import AUTO_CANDIDATES
+
     base = 0 if base_cached else estimated_size(params, request.outtype)
+    # `--quant auto` holds every candidate until one is chosen.
+    quants = list(AUTO_CANDIDATES) if request.quants == ["auto"] else request.quants
     # Each output is a hard link to the cache where possible, but a copy across filesystems.
-    outputs = estimated_size(params, request.outtype) + sum(estimated_size(params, q) for q in request.quants)
-    return int((base + outputs) * DISK_MARGIN)
+    outputs = estimated_size(params, request.outtype) + sum(estimated_size(params, q) for q in quants)
+    # A merged adapter is a second float GGUF beside the base's.
+    merged = estimated_size(params, request.outtype) if request.adapter and request.adapter_mode != "adapter" else 0
+    return int((base + outputs + merged) * DISK_MARGIN)
 
 
 def check_disk(paths: list[Path], need: int) -> None:
@@ -302,8 +323,7 @@ def run_preflight(
     conversion and runs `confirm_with_converter` beside it (see `conversion_can_start_early`).
     """
     check_request(request, ref)
-    wanted_dialect = request.dialect or (ref.spec.template if ref.spec else None)
-    chat = choose_dialect(metadata_folder, wanted_dialect)
+    chat = choose_dialect(metadata_folder, request.dialect, hint=ref.spec.template if ref.spec else None)
     if ref.is_gguf:
         return _preflight_gguf(metadata_folder, request, chat)
     config = read_config(metadata_folder)
@@ -323,9 +343,14 @@ def run_preflight(
         params = (planned_weight_bytes(ref, metadata_folder) or 0) // 2
     need = estimate_bytes(params, request, base_cached)
     check_disk([Path(request.out_dir), cache_dir()], need)
+    memory = estimate_memory(params, request.outtype, config, verify=request.verify, report=request.report)
+    budget = settings.memory_budget_bytes()
+    check_memory(memory, budget)
     checks = [
         Check(name="quant types", target="request", passed=True, detail=", ".join(request.quants) or "none"),
         Check(name="disk", target="request", passed=True, detail=f"needs about {need / 1e6:.0f} MB"),
+        Check(name="memory", target="request", passed=True,
+              detail=f"peak about {memory.peak_bytes / 1e9:.2f} GB ({memory.peak_step}) of a {budget / 1e9:.2f} GB budget"),
         _chat_check(chat),
     ]
     adapter = None
@@ -389,6 +414,16 @@ def _preflight_gguf(path: Path, request: ExportRequest, chat: DialectChoice | No
     """A prebuilt GGUF skips conversion: check what it says about itself and what requantizing it costs."""
     if request.adapter:
         raise SourceInvalid("a LoRA adapter needs the base as a Hugging Face folder, not a prebuilt GGUF")
+    if chat is None:
+        # Verification prompts the model through a chat template, and the Modelfile needs one:
+        # refused here, before any quantization, not when verify finds none.
+        from tasks.template_check import NoChatTemplate
+
+        raise NoChatTemplate(
+            f"{path.name} carries no chat template (tokenizer.chat_template), so Kiln can neither prompt it "
+            f"to verify it nor write its Modelfile; pass --dialect NAME to choose the chat format "
+            f"(one of: {', '.join(registered_dialects())})"
+        )
     probe = read_gguf_probe(path)
     label = gguf_file_type(path)
     params = int(path.stat().st_size * 8 / BITS_PER_WEIGHT.get(label, 8.0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
@@ -20,6 +21,9 @@ from registry.models import Check
 from tasks.errors import VerificationFailed
 from tasks.progress import progress_reporter
 from tasks.step import step
+
+if TYPE_CHECKING:
+    from tasks.preflight import DialectChoice
 
 VERIFY_PROMPTS: tuple[str, ...] = (
     "What is the capital of France?",
@@ -67,11 +71,21 @@ def gguf_metadata(path: Path) -> dict[str, object]:
     }
 
 
-def render_prompt(meta: dict[str, object], user_text: str) -> str:
-    """The prompt text the model's own Jinja chat template produces for one user turn."""
+def render_prompt(meta: dict[str, object], user_text: str, chat: DialectChoice | None = None) -> str:
+    """The prompt text the model's own Jinja chat template produces for one user turn.
+
+    A GGUF with no chat template is prompted through the dialect chosen for it (--dialect),
+    rendered as Ollama renders that dialect's Go template: what the Modelfile will do.
+    """
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     template = meta["chat_template"]
+    if not template and chat is not None:
+        from templates import load_template_text
+        from tasks.template_check import ChatMessage, render_go_template
+
+        return render_go_template(load_template_text(chat.dialect), [ChatMessage(role="user", content=user_text)],
+                                  system=chat.system)
     if not template:
         raise VerificationFailed("the GGUF carries no tokenizer.chat_template, so chat prompts cannot be rendered")
     formatter = Jinja2ChatFormatter(
@@ -81,7 +95,8 @@ def render_prompt(meta: dict[str, object], user_text: str) -> str:
     return formatter(messages=[{"role": "user", "content": user_text}]).prompt
 
 
-def run_gguf(path: Path, prompts: tuple[str, ...] = VERIFY_PROMPTS, budget: int = TOKEN_BUDGET) -> GgufRun:
+def run_gguf(path: Path, prompts: tuple[str, ...] = VERIFY_PROMPTS, budget: int = TOKEN_BUDGET,
+             chat: DialectChoice | None = None) -> GgufRun:
     """Greedy generation on each prompt through the chat template; records whether it stopped on EOG."""
     from llama_cpp import Llama
 
@@ -90,7 +105,7 @@ def run_gguf(path: Path, prompts: tuple[str, ...] = VERIFY_PROMPTS, budget: int 
     try:
         generations = []
         for prompt in prompts:
-            text = render_prompt(meta, prompt)
+            text = render_prompt(meta, prompt, chat)
             prompt_tokens = llm.tokenize(text.encode(), add_bos=bool(meta["add_bos"]), special=True)
             out = llm.create_completion(prompt_tokens, max_tokens=budget, temperature=0.0, top_k=1)
             choice = out["choices"][0]
@@ -104,49 +119,126 @@ def run_gguf(path: Path, prompts: tuple[str, ...] = VERIFY_PROMPTS, budget: int 
         llm.close()
 
 
-def top1_agreement(gguf_path: Path, hf_dir: Path, run: GgufRun) -> tuple[float, bool, int]:
-    """(agreement, tokenization identical, positions compared) between the GGUF and transformers."""
-    import numpy as np
-    import torch
-    from llama_cpp import Llama
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class ComparisonOverBudget(VerificationFailed):
+    """The transformers comparison cannot run within the memory budget."""
+
+
+def _chat_sequences(hf_dir: Path, run: GgufRun) -> tuple[list[list[int]], bool]:
+    """Each prompt plus the GGUF's own continuation, and whether transformers tokenizes the prompts identically."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
-    model.eval()
-    llm = Llama(model_path=str(gguf_path), n_ctx=N_CTX, n_threads=_threads(), verbose=False, logits_all=True)
-    agree = total = 0
     same_tokens = True
+    sequences = []
+    for gen in run.generations:
+        hf_ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": gen.prompt}], add_generation_prompt=True, tokenize=True,
+            return_dict=False,
+        )
+        if list(hf_ids) != gen.prompt_tokens:
+            same_tokens = False
+        sequences.append(gen.prompt_tokens + gen.tokens)
+    return sequences, same_tokens
+
+
+def _gguf_argmax(gguf_path: Path, sequences: list[list[int]]) -> list[object]:
+    import numpy as np
+    from llama_cpp import Llama
+
+    # logits_all keeps n_ctx x n_vocab float32 scores: a context just long enough for the longest
+    # sequence, not N_CTX (at a 128k vocabulary, 1024 positions are 0.5 GB).
+    n_ctx = min(N_CTX, max(len(s) for s in sequences) + 1)
+    llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=_threads(), verbose=False, logits_all=True)
     try:
-        for gen in run.generations:
-            hf_ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": gen.prompt}], add_generation_prompt=True, tokenize=True,
-                return_dict=False,
-            )
-            if list(hf_ids) != gen.prompt_tokens:
-                same_tokens = False
-            sequence = gen.prompt_tokens + gen.tokens
+        tops = []
+        for sequence in sequences:
             llm.reset()
             llm.eval(sequence)
-            gguf_top = np.asarray(llm.scores[: len(sequence)]).argmax(axis=-1)
-            with torch.no_grad():
-                logits = model(torch.tensor([sequence])).logits[0]
-            hf_top = logits.argmax(dim=-1).numpy()
-            agree += int((gguf_top == hf_top).sum())
-            total += len(sequence)
+            tops.append(np.asarray(llm.scores[: len(sequence)]).argmax(axis=-1))
+        return tops
     finally:
         llm.close()
+
+
+def hf_comparison_bytes(hf_dir: Path, sequences: list[list[int]]) -> int:
+    """Memory the streamed transformers forward needs: the largest block in float32, its bfloat16 read, the logits."""
+    from transformers import AutoConfig
+
+    from tasks.hf_stream import largest_block_bytes
+
+    vocab = int(getattr(AutoConfig.from_pretrained(hf_dir), "vocab_size", 0) or 0)
+    logits = 4 * vocab * sum(max(len(s) for s in sequences) for _ in sequences)
+    return int(largest_block_bytes(hf_dir) * 1.5) + logits
+
+
+def _hf_argmax(hf_dir: Path, sequences: list[list[int]], budget: int) -> list[object]:
+    """Transformers' arg-max at every position, in float32, streamed a block at a time (tasks/hf_stream.py).
+
+    Why streamed and not the whole model: see `StreamedCausalLM`; in short, float32 needs 4 bytes a
+    parameter (32 GB at 8B), and streaming is bounded by the largest block whatever the depth.
+    An architecture whose weights transformers renames on load cannot be streamed: it is loaded
+    whole, when that fits the budget.
+    """
+    from tasks.hf_stream import StreamedCausalLM, StreamingUnsupported
+
+    fix = "raise --memory-budget / KILN_MEMORY_BUDGET, or pass --no-verify"
+    try:
+        need = hf_comparison_bytes(hf_dir, sequences)
+        if need > budget:
+            raise ComparisonOverBudget(
+                f"the transformers comparison needs about {need / 1e9:.2f} GB (its largest layer in float32 "
+                f"and the logits), over the memory budget of {budget / 1e9:.2f} GB; {fix}")
+        model = StreamedCausalLM(hf_dir)
+    except StreamingUnsupported as why:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from tasks.preflight import local_weight_params
+
+        need = 4 * local_weight_params(hf_dir, allow_pickle=True)
+        if need > budget:
+            raise ComparisonOverBudget(
+                f"{why}, and loading it whole in float32 needs about {need / 1e9:.2f} GB, over the memory "
+                f"budget of {budget / 1e9:.2f} GB; {fix}") from None
+        whole = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+        whole.eval()
+        with torch.no_grad():
+            return [whole(torch.tensor([seq])).logits[0].argmax(dim=-1).numpy() for seq in sequences]
+    try:
+        return model.argmax_logits(sequences)
+    finally:
+        model.close()
+
+
+def top1_agreement(gguf_path: Path, hf_dir: Path, run: GgufRun, budget: int | None = None
+                   ) -> tuple[float, bool, int]:
+    """(agreement, tokenization identical, positions compared) between the GGUF and transformers.
+
+    The GGUF runs first and is closed before transformers starts, so the two never share memory:
+    the peak is the larger of the mapped GGUF and one streamed block, not their sum.
+    """
+    from tasks import settings
+
+    sequences, same_tokens = _chat_sequences(hf_dir, run)
+    gguf_tops = _gguf_argmax(gguf_path, sequences)
+    hf_tops = _hf_argmax(hf_dir, sequences, settings.memory_budget_bytes() if budget is None else budget)
+    agree = sum(int((g == h).sum()) for g, h in zip(gguf_tops, hf_tops))
+    total = sum(len(s) for s in sequences)
     return agree / max(total, 1), same_tokens, total
 
 
 @step(name="verify")
-def verify_outputs(outputs: dict[str, Path], hf_dir: Path | None, float_quant: str | None) -> list[Check]:
-    """Checks for every GGUF; raises `VerificationFailed` naming each failure after running them all."""
+def verify_outputs(outputs: dict[str, Path], hf_dir: Path | None, float_quant: str | None,
+                   chat: DialectChoice | None = None) -> list[Check]:
+    """Checks for every GGUF; raises `VerificationFailed` naming each failure after running them all.
+
+    `chat` (preflight's choice) prompts a GGUF that carries no chat template.
+    """
     checks: list[Check] = []
     runs: dict[str, GgufRun] = {}
     report = progress_reporter(f"verify {len(outputs)} GGUF files")
     for done, (quant, path) in enumerate(outputs.items(), start=1):
-        run = run_gguf(path)
+        run = run_gguf(path, chat=chat)
         runs[quant] = run
         report(done / (len(outputs) + 1))
         runaway = [g.prompt for g in run.generations if not g.stopped]

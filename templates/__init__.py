@@ -22,6 +22,7 @@ removed for the same reason.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Final, Literal
 
@@ -37,6 +38,7 @@ Dialect = Literal[
     "phi3",
     "phi4mini",
     "mistral",
+    "mistralv3",
 ]
 
 TEMPLATES_DIR: Final[Path] = Path(__file__).resolve().parent
@@ -92,6 +94,13 @@ class DialectTemplate:
     # Whether the template reads `.Tools` (Ollama then reports the model as
     # tool-capable).
     has_tools: bool = False
+    # The date the Go template prints where a model's template prints today's
+    # (`strftime_now`). Ollama's `currentDate` prints 2006-01-02 only, so a Go
+    # template cannot print "26 Jul 2024"-style dates of today; the fixed date
+    # its family's template falls back to is the honest choice. A date-bearing
+    # model template is compared with its clock pinned to this date, and the
+    # check reports "exact apart from the date".
+    fixed_date: date | None = None
 
     @property
     def verified(self) -> bool:
@@ -168,6 +177,14 @@ _REGISTRY: Final[dict[str, DialectTemplate]] = {
                 bos_token="<bos>",
                 eos_token="<eos>",
             ),
+            # Differs from Gemma 2 only where a conversation opens with a
+            # system message (Gemma 2 refuses it; Gemma 3 writes it, even empty).
+            ReferenceTemplate(
+                model="google/gemma-3-4b-it",
+                file_name="gemma2.gemma-3-it.jinja",
+                bos_token="<bos>",
+                eos_token="<eos>",
+            ),
         ),
     ),
     "smollm3": DialectTemplate(
@@ -202,8 +219,18 @@ _REGISTRY: Final[dict[str, DialectTemplate]] = {
                 bos_token="<|begin_of_text|>",
                 eos_token="<|eot_id|>",
             ),
+            # Prints today's date (strftime_now("%d %b %Y")) where 3.1 prints
+            # 26 Jul 2024: exact apart from the date (see `fixed_date`).
+            ReferenceTemplate(
+                model="meta-llama/Llama-3.2-3B-Instruct",
+                file_name="llama3.Llama-3.2-3B-Instruct.jinja",
+                bos_token="<|begin_of_text|>",
+                eos_token="<|eot_id|>",
+            ),
         ),
         has_tools=True,
+        # Llama 3.1's template and Llama 3.2's without strftime_now print this.
+        fixed_date=date(2024, 7, 26),
     ),
     "phi3": DialectTemplate(
         dialect="phi3",
@@ -234,6 +261,20 @@ _REGISTRY: Final[dict[str, DialectTemplate]] = {
             ReferenceTemplate(
                 model="mistralai/Mistral-Nemo-Instruct-2407",
                 file_name="mistral.Mistral-Nemo-Instruct-2407.jinja",
+                bos_token="<s>",
+                eos_token="</s>",
+            ),
+        ),
+        has_tools=True,
+    ),
+    "mistralv3": DialectTemplate(
+        dialect="mistralv3",
+        template_path=TEMPLATES_DIR / "mistralv3.gotmpl",
+        default_stops=("</s>", "[/INST]", "[INST]"),
+        references=(
+            ReferenceTemplate(
+                model="mistralai/Mistral-7B-Instruct-v0.3",
+                file_name="mistralv3.Mistral-7B-Instruct-v0.3.jinja",
                 bos_token="<s>",
                 eos_token="</s>",
             ),

@@ -26,10 +26,12 @@ from tasks.template_check import (
     ToolCallFunction,
     check_template,
     check_template_text,
+    outcome_lines,
     render_go_template,
 )
 
 SEED_001_DIALECTS = ("chatml", "qwen3thinking", "gemma2", "smollm3", "olmo2", "llama3", "phi3", "phi4mini", "mistral")
+DIALECTS = (*SEED_001_DIALECTS, "mistralv3")
 SMOLLM2_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
 
@@ -53,8 +55,8 @@ def reference(dialect: str, index: int = 0) -> templates.ReferenceTemplate:
 
 
 def test_table_has_every_seed_dialect_with_its_files() -> None:
-    assert templates.registered_dialects() == SEED_001_DIALECTS
-    for name in SEED_001_DIALECTS:
+    assert templates.registered_dialects() == DIALECTS
+    for name in DIALECTS:
         row = templates.get_dialect(name)
         assert row.template_path.name == f"{name}.gotmpl"
         assert row.read_template() == templates.load_template_text(name)
@@ -70,7 +72,7 @@ def test_unknown_dialect_is_refused_naming_the_known_ones() -> None:
     assert all(name in str(info.value) for name in SEED_001_DIALECTS)
 
 
-@pytest.mark.parametrize("dialect", SEED_001_DIALECTS)
+@pytest.mark.parametrize("dialect", DIALECTS)
 def test_templates_never_write_a_bos_token(dialect: str, go_renderer: GoRenderer) -> None:  # noqa: F811
     text = templates.load_template_text(dialect)
     for bos in ("<s>", "<bos>", "<|begin_of_text|>", "{{ bos_token }}"):
@@ -79,7 +81,7 @@ def test_templates_never_write_a_bos_token(dialect: str, go_renderer: GoRenderer
     assert not rendered.startswith(("<s>", "<bos>", "<|begin_of_text|>"))
 
 
-@pytest.mark.parametrize("dialect", SEED_001_DIALECTS)
+@pytest.mark.parametrize("dialect", DIALECTS)
 def test_tools_flag_matches_the_template(dialect: str, go_renderer: GoRenderer) -> None:  # noqa: F811
     row = templates.get_dialect(dialect)
     text = row.read_template()
@@ -200,32 +202,73 @@ def test_default_system_is_inferred_not_looked_up(go_renderer: GoRenderer) -> No
     assert (check.dialect, check.system) == ("chatml", "You are Ember, a careful assistant.")
 
 
-def test_a_template_no_dialect_reproduces_is_refused_with_the_difference(go_renderer: GoRenderer) -> None:  # noqa: F811
-    alpaca = (
-        "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
-        "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}### Response:\n{% endif %}"
-    )
-    with pytest.raises(NoDialectMatches) as info:
-        check_template_text(alpaca, renderer=go_renderer, source="alpaca.jinja")
-    message = str(info.value)
-    assert "--dialect" in message and "alpaca.jinja" in message and "first difference" in message
-    check = info.value.check
-    assert not check.verified and check.dialect is None and check.candidates == ()
-    assert check.mismatch is not None
-    assert check.mismatch.jinja_render.startswith("### Instruction:")
+ALPACA = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'assistant' %}### Response:\n{{ m['content'] }}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}### Response:\n{% endif %}"
+)
+
+
+def test_a_template_no_dialect_reproduces_falls_back_to_the_models_own_jinja(go_renderer: GoRenderer) -> None:  # noqa: F811
+    check = check_template_text(ALPACA, renderer=go_renderer, source="alpaca.jinja")
+    assert (check.outcome, check.ollama_format, check.verified) == ("no-match", "jinja", False)
+    assert check.template is None and check.system is None and check.candidates == ()
+    assert check.dialect in DIALECTS  # the closest, for its stops
+    assert check.mismatches == tuple(c.name for c in MESSAGE_MATRIX)
+    assert check.mismatch is not None and check.mismatch.jinja_render.startswith("### Instruction:")
     assert check.mismatch.go_render != check.mismatch.jinja_render
-    relaxed = check_template_text(alpaca, renderer=go_renderer, strict=False)
-    assert not relaxed.verified and relaxed.mismatch == check.mismatch
 
 
-def test_a_near_miss_is_caught(go_renderer: GoRenderer) -> None:  # noqa: F811
+def test_asking_for_a_dialect_that_is_far_off_is_refused_with_the_difference(go_renderer: GoRenderer) -> None:  # noqa: F811
+    with pytest.raises(NoDialectMatches) as info:
+        check_template_text(ALPACA, dialect="chatml", renderer=go_renderer, source="alpaca.jinja")
+    message = str(info.value)
+    assert "'chatml' dialect" in message and "alpaca.jinja" in message and "first difference" in message
+    assert "Leave --dialect out" in message
+    assert info.value.check.mismatch.dialect == "chatml"
+
+
+def test_a_near_miss_is_caught_and_the_closest_is_over_the_whole_matrix(go_renderer: GoRenderer) -> None:  # noqa: F811
     # ChatML with one extra newline after each turn: close, but not the same.
     near = reference("chatml", 1).read().replace("'<|im_end|>' + '\\n'", "'<|im_end|>' + '\\n\\n'")
     assert near != reference("chatml", 1).read()
-    with pytest.raises(NoDialectMatches) as info:
-        check_template_text(near, renderer=go_renderer)
-    assert info.value.check.mismatch.dialect == "chatml"
+    check = check_template_text(near, renderer=go_renderer)
+    assert not check.verified and check.ollama_format == "jinja"
+    assert check.dialect == "chatml" and check.mismatch.dialect == "chatml"
+
+
+def test_the_closest_dialect_is_the_smallest_difference_not_the_earliest(go_renderer: GoRenderer) -> None:  # noqa: F811
+    # Llama 3.1 with another knowledge date: every case differs, by a few characters, late in the text.
+    # The earliest differing character would name chatml (its first character already differs).
+    changed = reference("llama3").read().replace("December 2023", "March 2024")
+    check = check_template_text(changed, bos_token="<|begin_of_text|>", renderer=go_renderer)
+    assert check.outcome == "no-match" and check.dialect == "llama3"
+    assert check.mismatch.offset > 20
+    others = [t for t in check.trials if t.dialect != "llama3"]
+    assert all(t.distance > check.trials[DIALECTS.index("llama3")].distance for t in others)
+
+
+def _gemma3_without_empty_system() -> str:
+    # Gemma 3 as it would be had it dropped an empty system message: the gemma2 dialect is then
+    # exact on every case but `empty-system`.
+    text = reference("gemma2", 1).read()
+    old = '(first_user_prefix if loop.first else "")'
+    assert text.count(old) == 1
+    return text.replace(old, '(first_user_prefix if loop.first and first_user_prefix.strip() else "")')
+
+
+def test_one_dialect_exact_on_all_but_a_few_cases_names_them(go_renderer: GoRenderer) -> None:  # noqa: F811
+    text = _gemma3_without_empty_system()
+    check = check_template_text(text, bos_token="<bos>", renderer=go_renderer)
+    assert (check.outcome, check.dialect, check.mismatches, check.ollama_format) == (
+        "near", "gemma2", ("empty-system",), "jinja")
+    lines = "\n".join(outcome_lines(check))
+    assert "empty-system" in lines and "pass --dialect gemma2" in lines
+    # The user accepts the Go template: no refusal, not verified, the case still named.
+    chosen = check_template_text(text, bos_token="<bos>", dialect="gemma2", renderer=go_renderer)
+    assert (chosen.outcome, chosen.ollama_format, chosen.verified, chosen.mismatches) == (
+        "near", "template", False, ("empty-system",))
+    assert chosen.template == templates.load_template_text("gemma2")
 
 
 def test_forcing_the_wrong_dialect_is_refused(go_renderer: GoRenderer) -> None:  # noqa: F811

@@ -5,7 +5,10 @@ The Go side runs through Kiln's own renderer (templates/gorender, built with
 `go build`), which assembles messages as Ollama's /api/chat does, with the
 reference's default system prompt as the Modelfile SYSTEM. A case the
 reference itself refuses (Gemma has no system role) cannot be compared; it
-is listed, and the Go template must still render it without error.
+is listed, and the Go template must still render it without error. A
+reference that prints today's date (Llama 3.2) is rendered with its clock set
+to the dialect's `fixed_date`, the date the Go template prints, and must be
+reported as exact apart from the date.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tasks.template_check import (
     GoRenderJob,
     JinjaChatTemplate,
     check_template_text,
+    prints_today,
 )
 
 REFERENCES = [
@@ -51,7 +55,8 @@ def outcomes(go_renderer: GoRenderer) -> dict[tuple[str, str], Outcome]:  # noqa
     for dialect, ref, case in PAIRS:
         jinja = compiled[ref.file_name]
         try:
-            jinja_side.append((jinja.render(case.messages, think=case.think), None))
+            today = templates.get_dialect(dialect).fixed_date
+            jinja_side.append((jinja.render(case.messages, think=case.think, today=today), None))
         except ConversationRefused as exc:
             jinja_side.append((None, exc.message))
         jobs.append(GoRenderJob(
@@ -92,6 +97,22 @@ def test_check_picks_the_dialect_and_infers_the_default_system(dialect, referenc
     assert check.candidates == (dialect,)
     assert check.system == reference.system
     assert check.verified and check.cases_checked + len(check.cases_skipped) == len(MESSAGE_MATRIX)
+    assert check.ollama_format == "template" and check.mismatches == ()
+    dated = prints_today(JinjaChatTemplate(reference.read(), {"bos_token": reference.bos_token,
+                                                              "eos_token": reference.eos_token}), MESSAGE_MATRIX)
+    assert check.outcome == ("exact-apart-from-date" if dated else "exact")
+    assert (check.date_policy == "fixed") is dated
+
+
+def test_the_new_references_are_in_the_table() -> None:
+    # Issue 19 and 13: Mistral 7B v0.3, Gemma 3 and Llama 3.2 (date-bearing) are covered above.
+    files = {ref.file_name for _, ref in REFERENCES}
+    assert {"mistralv3.Mistral-7B-Instruct-v0.3.jinja", "gemma2.gemma-3-it.jinja",
+            "llama3.Llama-3.2-3B-Instruct.jinja"} <= files
+    dated = [ref.file_name for _, ref in REFERENCES
+             if prints_today(JinjaChatTemplate(ref.read(), {"bos_token": ref.bos_token, "eos_token": ref.eos_token}),
+                             MESSAGE_MATRIX)]
+    assert dated == ["llama3.Llama-3.2-3B-Instruct.jinja"]
 
 
 def test_verified_flags_are_exactly_the_dialects_with_references(outcomes) -> None:
@@ -101,7 +122,9 @@ def test_verified_flags_are_exactly_the_dialects_with_references(outcomes) -> No
         for ref in row.references:
             compared = [o for (f, _), o in outcomes.items() if f == ref.file_name and o.jinja is not None]
             assert compared and all(o.go == o.jinja for o in compared), ref.file_name
-    assert set(templates.verified_dialects()) == {"chatml", "qwen3thinking", "gemma2", "smollm3", "llama3", "phi3", "mistral"}
+    assert set(templates.verified_dialects()) == {
+        "chatml", "qwen3thinking", "gemma2", "smollm3", "llama3", "phi3", "mistral", "mistralv3",
+    }
     assert not templates.get_dialect("olmo2").verified and not templates.get_dialect("phi4mini").verified
 
 

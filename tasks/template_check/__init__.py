@@ -21,16 +21,29 @@ template produces exactly the Jinja text on every case:
 
 A case the Jinja template refuses (`raise_exception`, e.g. Gemma's "System
 role not supported") is skipped, not counted, and reported.
+
+A template that prints today's date (Llama 3.2) is compared with its clock set
+to the fixed date the dialect's Go template prints: "exact apart from the
+date". When no dialect is exact, nothing is refused unless a dialect was asked
+for: the decision is then `ollama_format="jinja"`, Ollama rendering the GGUF's
+own Jinja template (see `decide`).
 """
 
 from tasks.template_check.compare import (
     CaseOutcome,
+    Comparison,
     DialectTrial,
     TemplateCheck,
     TemplateMismatch,
+    compare_with_dialects,
+    prints_today,
+)
+from tasks.template_check.decide import (
+    JINJA_FALLBACK,
+    NEAR_MAX_MISMATCHES,
     check_template,
     check_template_text,
-    compare_with_dialects,
+    outcome_lines,
 )
 from tasks.template_check.errors import (
     ChatTemplateBroken,
@@ -57,8 +70,11 @@ from tasks.template_check.matrix import (
 from tasks.template_check.source import ChatTemplateSource, load_chat_template
 
 __all__ = [
+    "JINJA_FALLBACK",
     "MESSAGE_MATRIX",
+    "NEAR_MAX_MISMATCHES",
     "CaseOutcome",
+    "Comparison",
     "ChatMessage",
     "ChatTemplateBroken",
     "ChatTemplateSource",
@@ -82,5 +98,7 @@ __all__ = [
     "check_template_text",
     "compare_with_dialects",
     "load_chat_template",
+    "outcome_lines",
+    "prints_today",
     "render_go_template",
 ]

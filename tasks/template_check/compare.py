@@ -1,21 +1,33 @@
-"""The check: render both sides over the matrix and pick the dialect that is exact."""
+"""The comparison: render both sides over the matrix and measure each dialect's distance from exact.
+
+A model template that prints today's date (`strftime_now`, Llama 3.2) is
+detected by rendering it with two different pinned clocks. A dialect that
+declares the fixed date its Go template prints (`DialectTemplate.fixed_date`)
+is then compared with the Jinja clock pinned to that date: a match is exact
+apart from the date, which `decide` reports as its own outcome.
+"""
 
 from __future__ import annotations
 
-import hashlib
+import difflib
 from collections.abc import Mapping, Sequence
-from pathlib import Path
+from dataclasses import dataclass, field
+from datetime import date
 from typing import Final, Literal
 
 import jinja2
 from pydantic import BaseModel, ConfigDict, Field
 
 import templates
-from tasks.template_check.errors import ChatTemplateBroken, NoChatTemplate, NoDialectMatches
+from tasks.template_check.errors import ChatTemplateBroken
 from tasks.template_check.gorender import GoRenderer, GoRenderError, GoRenderJob
 from tasks.template_check.jinja import ConversationRefused, JinjaChatTemplate
 from tasks.template_check.matrix import MESSAGE_MATRIX, MatrixCase
-from tasks.template_check.source import load_chat_template
+
+# Two clocks far from today and from each other: a template whose renders
+# differ between them prints the date.
+_DATE_PROBES: Final = (date(2031, 3, 14), date(2032, 11, 5))
+
 
 class CaseOutcome(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -58,10 +70,24 @@ class DialectTrial(BaseModel):
     system: str | None
     cases: tuple[CaseOutcome, ...]
     mismatch: TemplateMismatch | None = None
+    difference: int = Field(default=0, description="characters that differ, summed over the cases that differ")
+    pinned_date: date | None = Field(
+        default=None, description="the model's template prints today's date; it was compared with its clock "
+        "pinned to this date, the one the dialect's Go template prints"
+    )
 
     @property
     def cases_matched(self) -> int:
         return sum(1 for c in self.cases if c.status == "match")
+
+    @property
+    def mismatched_cases(self) -> tuple[str, ...]:
+        return tuple(c.case for c in self.cases if c.status in ("mismatch", "go-error"))
+
+    @property
+    def distance(self) -> tuple[int, int]:
+        """How far from exact, over the whole matrix: cases that differ, then characters that differ."""
+        return (len(self.mismatched_cases), self.difference)
 
 
 class TemplateCheck(BaseModel):
@@ -79,8 +105,10 @@ class TemplateCheck(BaseModel):
     matrix_size: int
     cases_checked: int
     cases_skipped: tuple[str, ...] = Field(description="cases the model's own template refuses")
-    candidates: tuple[str, ...] = Field(description="every dialect that matched, in table order")
-    mismatch: TemplateMismatch | None = Field(description="closest dialect's first differing case, when none matched")
+    candidates: tuple[str, ...] = Field(description="every dialect that is exact, in table order")
+    mismatch: TemplateMismatch | None = Field(
+        description="the chosen (or closest) dialect's first differing case, when it is not exact"
+    )
     template_writes_bos: bool = Field(
         default=False, description="the Jinja template prints bos_token itself (removed before comparing)"
     )
@@ -114,6 +142,20 @@ def _first_difference(a: str, b: str) -> int:
         if x != y:
             return i
     return min(len(a), len(b))
+
+
+def _char_difference(a: str, b: str) -> int:
+    """Characters inserted or deleted to turn one render into the other (common ends skipped first:
+    differences are mostly local, and the matcher is quadratic in what is left)."""
+    start = _first_difference(a, b)
+    end = 0
+    while end < min(len(a), len(b)) - start and a[len(a) - 1 - end] == b[len(b) - 1 - end]:
+        end += 1
+    a_mid, b_mid = a[start : len(a) - end], b[start : len(b) - end]
+    if not a_mid or not b_mid:
+        return len(a_mid) + len(b_mid)
+    same = sum(block.size for block in difflib.SequenceMatcher(None, a_mid, b_mid, autojunk=False).get_matching_blocks())
+    return len(a_mid) + len(b_mid) - 2 * same
 
 
 _SYSTEM_CANARY: Final = "KILN-SYSTEM-CANARY-5f0c1e"
@@ -153,12 +195,13 @@ def _judge(
     dialect: str,
     system: str | None,
     matrix: Sequence[MatrixCase],
-    jinja_renders: Mapping[str, str],
-    refusals: Mapping[str, str],
+    side: JinjaSide,
     go_renders: Sequence[str | GoRenderError],
 ) -> DialectTrial:
+    jinja_renders, refusals = side.renders, side.refusals
     outcomes: list[CaseOutcome] = []
     mismatch: TemplateMismatch | None = None
+    difference = 0
     renders = iter(go_renders)
     for case in matrix:
         if case.name in refusals:
@@ -167,6 +210,7 @@ def _judge(
         go = next(renders)
         if isinstance(go, GoRenderError):
             outcomes.append(CaseOutcome(case=case.name, status="go-error", detail=go.message))
+            difference += len(jinja_renders[case.name])
             if mismatch is None:
                 mismatch = TemplateMismatch(
                     dialect=dialect, case=case.name, system=system,
@@ -178,13 +222,69 @@ def _judge(
             outcomes.append(CaseOutcome(case=case.name, status="match"))
             continue
         outcomes.append(CaseOutcome(case=case.name, status="mismatch"))
+        difference += _char_difference(expected, go)
         if mismatch is None:
             mismatch = TemplateMismatch(
                 dialect=dialect, case=case.name, system=system,
                 jinja_render=expected, go_render=go, offset=_first_difference(expected, go),
             )
     matched = mismatch is None and any(o.status == "match" for o in outcomes)
-    return DialectTrial(dialect=dialect, matched=matched, system=system, cases=tuple(outcomes), mismatch=mismatch)
+    return DialectTrial(dialect=dialect, matched=matched, system=system, cases=tuple(outcomes), mismatch=mismatch,
+                        difference=difference, pinned_date=side.today)
+
+
+@dataclass
+class JinjaSide:
+    """The model's template rendered over the matrix with one clock (`today`; None: the real one)."""
+
+    today: date | None
+    renders: dict[str, str] = field(default_factory=dict)
+    refusals: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cases(self) -> list[str]:
+        return list(self.renders)
+
+
+def _render_side(jinja: JinjaChatTemplate, matrix: Sequence[MatrixCase], today: date | None) -> JinjaSide:
+    side = JinjaSide(today=today)
+    for case in matrix:
+        try:
+            side.renders[case.name] = jinja.render(case.messages, think=case.think, today=today)
+        except ConversationRefused as exc:
+            side.refusals[case.name] = f"the model's template refuses it: {exc.message}"
+        except jinja2.UndefinedError as exc:
+            raise ChatTemplateBroken(
+                f"the chat template uses a value Kiln does not pass ({exc.message}); if it is a special "
+                "token such as eos_token, check the model folder or the GGUF (a bare .jinja file carries "
+                "none) or give it with --bos-token/--eos-token"
+            ) from None
+        except jinja2.TemplateError as exc:
+            raise ChatTemplateBroken(f"the chat template fails on the {case.name!r} conversation: {exc}") from None
+        except Exception as exc:  # a template bug surfaces as a Python error inside the sandbox
+            raise ChatTemplateBroken(
+                f"the chat template crashes on the {case.name!r} conversation: {type(exc).__name__}: {exc}"
+            ) from None
+    if not side.renders:
+        reasons = sorted(set(side.refusals.values()))
+        raise ChatTemplateBroken("the chat template refuses every conversation of the matrix: " + "; ".join(reasons))
+    return side
+
+
+def prints_today(jinja: JinjaChatTemplate, matrix: Sequence[MatrixCase]) -> bool:
+    """Whether the template's renders depend on the clock (it prints today's date)."""
+    first, second = (_render_side(jinja, matrix, today) for today in _DATE_PROBES)
+    return first.renders != second.renders
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Every dialect's trial (table order), the real-clock Jinja side, and whether the template prints today's date."""
+
+    trials: tuple[DialectTrial, ...]
+    jinja_renders: dict[str, str]
+    refusals: dict[str, str]
+    prints_today: bool
 
 
 def compare_with_dialects(
@@ -193,191 +293,63 @@ def compare_with_dialects(
     *,
     matrix: Sequence[MatrixCase] = MESSAGE_MATRIX,
     renderer: GoRenderer | None = None,
-) -> tuple[tuple[DialectTrial, ...], dict[str, str], dict[str, str]]:
+) -> Comparison:
     """Try each dialect against a compiled Jinja template.
 
-    Returns the trials (table order) plus the Jinja renders and refusals by
-    case name. Each dialect is tried first with no Modelfile SYSTEM, then with
-    the default system prompt inferred from the Jinja template.
+    Each dialect is tried first with no Modelfile SYSTEM, then with the default
+    system prompt inferred from the Jinja template; the closer of the two is kept.
     """
     renderer = renderer or GoRenderer()
     names = list(dialects) if dialects is not None else list(templates.registered_dialects())
     rows = [templates.get_dialect(n) for n in names]
+    today_side = _render_side(jinja, matrix, None)
+    dated = prints_today(jinja, matrix)
+    pinned: dict[date, JinjaSide] = {}
 
-    jinja_renders: dict[str, str] = {}
-    refusals: dict[str, str] = {}
-    for case in matrix:
-        try:
-            jinja_renders[case.name] = jinja.render(case.messages, think=case.think)
-        except ConversationRefused as exc:
-            refusals[case.name] = f"the model's template refuses it: {exc.message}"
-        except jinja2.UndefinedError as exc:
-            raise ChatTemplateBroken(
-                f"the chat template uses a value Kiln does not pass ({exc.message}); if it is a special "
-                "token such as eos_token, check the model folder or the GGUF (a bare .jinja file carries "
-                "none) or pass bos_token/eos_token"
-            ) from None
-        except jinja2.TemplateError as exc:
-            raise ChatTemplateBroken(f"the chat template fails on the {case.name!r} conversation: {exc}") from None
-        except Exception as exc:  # a template bug surfaces as a Python error inside the sandbox
-            raise ChatTemplateBroken(
-                f"the chat template crashes on the {case.name!r} conversation: {type(exc).__name__}: {exc}"
-            ) from None
-    if not jinja_renders:
-        reasons = sorted(set(refusals.values()))
-        raise ChatTemplateBroken("the chat template refuses every conversation of the matrix: " + "; ".join(reasons))
+    def side_for(row: templates.DialectTemplate) -> JinjaSide:
+        if not dated or row.fixed_date is None:
+            return today_side
+        if row.fixed_date not in pinned:
+            pinned[row.fixed_date] = _render_side(jinja, matrix, row.fixed_date)
+        return pinned[row.fixed_date]
 
-    rendered_cases = [c for c in matrix if c.name in jinja_renders]
+    sides = {row.dialect: side_for(row) for row in rows}
     texts = {row.dialect: row.read_template() for row in rows}
 
-    def jobs_for(dialect: str, system: str | None) -> list[GoRenderJob]:
-        return [
-            GoRenderJob(template=texts[dialect], messages=c.messages, system=system, think=c.think)
-            for c in rendered_cases
-        ]
+    def run(attempts: Sequence[tuple[str, str | None]]) -> dict[str, DialectTrial]:
+        # Every attempt's jobs in one renderer process.
+        jobs: list[GoRenderJob] = []
+        spans: list[tuple[int, int]] = []
+        for dialect, system in attempts:
+            begin = len(jobs)
+            jobs += [
+                GoRenderJob(template=texts[dialect], messages=c.messages, system=system, think=c.think)
+                for c in matrix if c.name in sides[dialect].renders
+            ]
+            spans.append((begin, len(jobs)))
+        results = renderer.render_many(jobs)
+        return {
+            dialect: _judge(dialect, system, matrix, sides[dialect], results[begin:end])
+            for (dialect, system), (begin, end) in zip(attempts, spans)
+        }
 
-    # Pass 1: every dialect with no SYSTEM, in one renderer process.
-    plain_jobs = [job for row in rows for job in jobs_for(row.dialect, None)]
-    plain = renderer.render_many(plain_jobs)
-    per = len(rendered_cases)
-    trials: dict[str, DialectTrial] = {}
-    for i, row in enumerate(rows):
-        trials[row.dialect] = _judge(
-            row.dialect, None, matrix, jinja_renders, refusals, plain[i * per : (i + 1) * per]
-        )
-
+    # Pass 1: every dialect with no SYSTEM.
+    trials = run([(row.dialect, None) for row in rows])
     # Pass 2: dialects that missed, with the inferred default system prompt.
-    retry: list[tuple[str, str]] = []
+    retry: list[tuple[str, str | None]] = []
     for row in rows:
         if trials[row.dialect].matched:
             continue
-        inferred = _infer_default_system(texts[row.dialect], jinja_renders, renderer, matrix)
+        inferred = _infer_default_system(texts[row.dialect], sides[row.dialect].renders, renderer, matrix)
         if inferred is not None:
             retry.append((row.dialect, inferred))
     if retry:
-        second = renderer.render_many([job for d, s in retry for job in jobs_for(d, s)])
-        for i, (dialect, system) in enumerate(retry):
-            attempt = _judge(dialect, system, matrix, jinja_renders, refusals, second[i * per : (i + 1) * per])
-            if attempt.matched or attempt.cases_matched > trials[dialect].cases_matched:
+        for dialect, attempt in run(retry).items():
+            if attempt.matched or attempt.distance < trials[dialect].distance:
                 trials[dialect] = attempt
-    return tuple(trials[row.dialect] for row in rows), jinja_renders, refusals
-
-
-def check_template_text(
-    text: str,
-    *,
-    bos_token: str | None = None,
-    eos_token: str | None = None,
-    dialect: str | None = None,
-    strict: bool = True,
-    source: str = "<text>",
-    source_kind: Literal["jinja", "model_dir", "gguf"] = "jinja",
-    matrix: Sequence[MatrixCase] = MESSAGE_MATRIX,
-    renderer: GoRenderer | None = None,
-) -> TemplateCheck:
-    """`check_template` for a Jinja template given as text."""
-    if dialect is not None:
-        templates.get_dialect(dialect)  # an unknown name is refused before any rendering
-    jinja = JinjaChatTemplate(text, {"bos_token": bos_token, "eos_token": eos_token})
-    trials, jinja_renders, refusals = compare_with_dialects(
-        jinja, [dialect] if dialect else None, matrix=matrix, renderer=renderer
+    return Comparison(
+        trials=tuple(trials[row.dialect] for row in rows),
+        jinja_renders=today_side.renders,
+        refusals=today_side.refusals,
+        prints_today=dated,
     )
-    matched = [t for t in trials if t.matched]
-    chosen = matched[0] if matched else None
-    closest = max(trials, key=lambda t: t.cases_matched)
-    check = TemplateCheck(
-        source=source,
-        source_kind=source_kind,
-        jinja_sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        dialect=chosen.dialect if chosen else dialect,
-        template=templates.load_template_text(chosen.dialect if chosen else dialect) if (chosen or dialect) else None,
-        system=chosen.system if chosen else None,
-        verified=chosen is not None,
-        matrix_size=len(matrix),
-        cases_checked=chosen.cases_matched if chosen else 0,
-        cases_skipped=tuple(refusals),
-        candidates=tuple(t.dialect for t in matched),
-        mismatch=None if chosen else closest.mismatch,
-        template_writes_bos=jinja.writes_bos,
-        trials=trials,
-    )
-    if chosen is None and strict:
-        tried = ", ".join(t.dialect for t in trials)
-        detail = closest.mismatch.describe() if closest.mismatch else "no case could be compared"
-        if dialect:
-            message = (
-                f"the {dialect!r} dialect does not render what {source}'s chat template renders; {detail}\n"
-                "Pick another dialect with --dialect, or run without it to let Kiln search."
-            )
-        else:
-            message = (
-                f"no Kiln dialect renders what {source}'s chat template renders (tried {tried}). "
-                f"Closest: {detail}\n"
-                "Give the dialect explicitly with --dialect to export anyway; Ollama will then prompt "
-                "the model differently from its own template."
-            )
-        raise NoDialectMatches(message, check)
-    return check
-
-
-def check_template(
-    source: Path,
-    *,
-    dialect: str | None = None,
-    bos_token: str | None = None,
-    eos_token: str | None = None,
-    strict: bool = True,
-    matrix: Sequence[MatrixCase] = MESSAGE_MATRIX,
-    renderer: GoRenderer | None = None,
-) -> TemplateCheck:
-    """Match the chat template of `source` (.jinja, model folder or .gguf) with a dialect.
-
-    With `dialect`, only that dialect is checked. With no chat template in the
-    source and a `dialect` given, the dialect is returned unverified; with
-    neither, `NoChatTemplate` is raised. When nothing matches, `strict` raises
-    `NoDialectMatches` (its `.check` holds the details); otherwise the check
-    is returned with `verified=False` and the closest mismatch.
-    `bos_token`/`eos_token` fill in what the source does not say (a bare
-    .jinja file says nothing).
-    """
-    try:
-        loaded = load_chat_template(Path(source))
-    except NoChatTemplate:
-        if dialect is None:
-            raise
-        templates.get_dialect(dialect)
-        return TemplateCheck(
-            source=str(source),
-            source_kind="none",
-            jinja_sha256=None,
-            dialect=dialect,
-            template=templates.load_template_text(dialect),
-            system=None,
-            verified=False,
-            matrix_size=len(matrix),
-            cases_checked=0,
-            cases_skipped=(),
-            candidates=(),
-            mismatch=None,
-        )
-    check = check_template_text(
-        loaded.text,
-        bos_token=loaded.bos_token or bos_token,
-        eos_token=loaded.eos_token or eos_token,
-        dialect=dialect,
-        strict=strict,
-        source=loaded.path,
-        source_kind=loaded.kind,
-        matrix=matrix,
-        renderer=renderer,
-    )
-    if check.template_writes_bos and loaded.add_bos_token is False:
-        # Kiln's templates never write BOS (the runtime adds it); this GGUF
-        # tells the runtime not to, so the prompt would start without one.
-        warning = (
-            f"the chat template writes the BOS token itself but {loaded.path} sets "
-            "tokenizer.ggml.add_bos_token=false: llama.cpp and Ollama will not add BOS, and the Modelfile "
-            "TEMPLATE does not write it, so prompts will start without BOS"
-        )
-        check = check.model_copy(update={"warnings": check.warnings + (warning,)})
-    return check

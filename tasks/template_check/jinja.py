@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import date, datetime, time
 from typing import Any
 
 import jinja2
@@ -89,15 +89,21 @@ class JinjaChatTemplate:
         think: bool | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
         strip_bos: bool = True,
+        today: date | None = None,
     ) -> str:
         """Render with `add_generation_prompt=True`.
 
         Raises `ConversationRefused` when the template declines the conversation.
         A leading BOS printed from `bos_token` is removed (`strip_bos`): the
         runtime tokenizer adds BOS, so the Go template never writes it and the
-        texts are compared without it.
+        texts are compared without it. `today` pins the clock `strftime_now`
+        reads (None: the real clock).
         """
         kwargs: dict[str, Any] = dict(self.special_tokens)
+        if today is not None:
+            # A render variable shadows the environment's global of the same name.
+            noon = datetime.combine(today, time(12, 0))
+            kwargs["strftime_now"] = noon.strftime
         if think is not None:
             kwargs["enable_thinking"] = think
         text = self._template.render(
