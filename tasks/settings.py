@@ -6,8 +6,8 @@ thing, and a test that sets a variable after import still takes effect.
 | variable | meaning | default |
 | --- | --- | --- |
 | `KILN_CACHE_DIR` | converted GGUFs, probes, the converter source, the demo model | `$XDG_CACHE_HOME/kiln` or `~/.cache/kiln` |
-| `KILN_MEMORY_BUDGET` | memory every step together may use, e.g. `12GB` | 80 % of the machine's available memory |
-| `KILN_QUANT_MEMORY_GB` | GiB the parallel quantizations may use together | half the available memory |
+| `KILN_MEMORY_BUDGET` | memory every step together may use, e.g. `12GB` (`--memory-budget` sets it for one command) | 80 % of the memory available when asked |
+| `KILN_QUANT_MEMORY_GB` | older name: GiB the parallel quantizations may use together; a budget of its own when set | the memory budget |
 | `KILN_CONVERTER_HOST` | `0` runs every conversion as a plain subprocess | `1` (a forked host on Linux) |
 | `KILN_PLACEMENT_POLL_SECONDS` | how often an export asks whether its cpu/gpu child run has finished | `2` |
 | `LLAMA_CPP_DIR` | your own llama.cpp checkout instead of the pinned source's converter | unset |
@@ -64,6 +64,29 @@ def converter_host_enabled() -> bool:
 def placement_poll_seconds() -> float:
     """`KILN_PLACEMENT_POLL_SECONDS`: how often a parent export polls its convert-quantize child run."""
     return _env_float("KILN_PLACEMENT_POLL_SECONDS", 2.0, "seconds")
+
+
+def memory_budget_bytes() -> int:
+    """`KILN_MEMORY_BUDGET` (a size such as `12GB` or `800MiB`), else 80 % of the memory available now.
+
+    Every step that holds weights sizes itself to this: verify's transformers comparison, the quant
+    report, the merge, and how many quantizations run side by side. 80 %: the kernel, the page cache
+    of the files being read and whatever else runs need the rest.
+    """
+    from tasks.units import parse_size
+
+    raw = os.environ.get("KILN_MEMORY_BUDGET", "").strip()
+    if raw:
+        try:
+            budget = parse_size(raw)
+        except KilnError:
+            raise SettingInvalid(f"KILN_MEMORY_BUDGET={raw!r} is not a size; write it like 12GB or 800MiB") from None
+        if budget <= 0:
+            raise SettingInvalid(f"KILN_MEMORY_BUDGET={raw!r} must be more than zero")
+        return budget
+    import psutil
+
+    return int(psutil.virtual_memory().available * 0.8)
 
 
 def quant_memory_gib() -> float | None:

@@ -1,0 +1,110 @@
+"""How much memory an export needs at its peak, step by step, against the memory budget.
+
+The steps run one after another (the quantizations side by side, sized to the budget by
+flows/convert_quantize.py), so the export's peak is its largest step, not their sum:
+
+- convert: the converter script reads the checkpoint lazily, a tensor at a time, and writes the
+  GGUF; its peak grows slowly with the model (`_CONVERT_BYTES_PER_PARAM`, measured below);
+- quantize: one libllama quantization, a few copies of the largest tensor (`quant_job_memory`);
+- verify: llama.cpp runs the float GGUF (its weights resident) with a KV cache and the logits of
+  every position; the transformers comparison streams one block at a time (tasks/hf_stream.py)
+  and runs after the GGUF is closed, so the larger of the two counts;
+- report: llama.cpp runs the float GGUF with the logits of half a text chunk, three copies.
+
+The merge of a LoRA adapter holds a block of rows and one tensor pair (tasks/adapter), far
+below the float GGUF that verify maps, so it is not a step of its own here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from tasks.errors import KilnError
+
+# Measured with bench/scale.py (summed PSS of the converter process): 0.98 GB at 1.17B parameters,
+# about 0.83 bytes a parameter; the converter keeps a shard's worth of lazily read tensors.
+_CONVERT_BYTES_PER_PARAM = 0.9
+_PROCESS_BASELINE = 600 << 20  # Python, torch and llama.cpp imported: what any step pays before weights
+_BYTES = {"f32": 4, "f16": 2, "bf16": 2}
+
+
+# Peak resident memory of one libllama quantization, measured on SmolLM2-135M: about 7 bytes per
+# element of the largest tensor (read buffer, f32 copy, output) over the process's baseline.
+_QUANT_BYTES_PER_ELEMENT = 10
+_QUANT_OVERHEAD = 64 << 20
+
+
+class NotEnoughMemory(KilnError):
+    """The export cannot run within the memory budget."""
+
+
+class MemoryEstimate(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    peak_bytes: int
+    peak_step: str
+    steps: dict[str, int]
+
+    def detail(self) -> str:
+        return ", ".join(f"{step} {n / 1e9:.2f} GB" for step, n in self.steps.items())
+
+
+def quant_job_memory(base: Path, config: dict[str, Any]) -> int:
+    """Peak memory of one quantization: a few copies of the largest tensor (from config.json), else the base's size."""
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    widest = max(config.get("vocab_size") or 0, config.get("intermediate_size") or 0)
+    if hidden and widest:
+        return _QUANT_BYTES_PER_ELEMENT * int(hidden) * int(widest) + _QUANT_OVERHEAD
+    try:
+        return base.stat().st_size + _QUANT_OVERHEAD
+    except OSError:
+        return _QUANT_OVERHEAD
+
+
+def estimate_memory(params: int, outtype: str, config: dict, *, verify: bool, report: bool,
+                    converts: bool = True, quantizes: bool = True) -> MemoryEstimate:
+    """Peak memory of each step of an export of a model of `params` parameters (config.json's shape)."""
+    hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
+    vocab = int(config.get("vocab_size") or 0)
+    layers = int(config.get("num_hidden_layers") or 0)
+    kv_heads = int(config.get("num_key_value_heads") or config.get("num_attention_heads") or 0)
+    heads = int(config.get("num_attention_heads") or 0)
+    head_dim = int(config.get("head_dim") or (hidden // heads if heads else 0))
+    float_gguf = params * _BYTES.get(outtype, 2)
+    steps: dict[str, int] = {}
+    if converts:
+        steps["convert"] = int(params * _CONVERT_BYTES_PER_PARAM) + _PROCESS_BASELINE
+    if quantizes:
+        steps["quantize"] = quant_job_memory(Path("-"), config) + _PROCESS_BASELINE
+    if verify:
+        from tasks.verify import N_CTX, TOKEN_BUDGET, VERIFY_PROMPTS
+
+        positions = 64 + TOKEN_BUDGET  # a chat prompt and the longest answer verify lets run
+        kv_cache = 2 * layers * N_CTX * kv_heads * head_dim * 2  # K and V in f16
+        gguf = float_gguf + kv_cache + positions * vocab * 4
+        # The largest streamed block in float32 (an embedding, or a layer's ~12 h^2 weights), read
+        # from bfloat16 a tensor at a time, and the logits of every sequence at once.
+        largest_block = max(vocab * hidden, 12 * hidden * hidden) * 4
+        hf = int(largest_block * 1.5) + len(VERIFY_PROMPTS) * positions * vocab * 4
+        steps["verify"] = max(gguf, hf) + _PROCESS_BASELINE
+    if report:
+        steps["report"] = float_gguf + 3 * 256 * vocab * 4 + _PROCESS_BASELINE
+    peak_step = max(steps, key=lambda s: steps[s]) if steps else "none"
+    return MemoryEstimate(peak_bytes=steps.get(peak_step, 0), peak_step=peak_step, steps=steps)
+
+
+def check_memory(estimate: MemoryEstimate, budget: int) -> None:
+    """Refuse, naming the numbers and the fix, when the export's largest step is over the budget."""
+    if estimate.peak_bytes <= budget:
+        return
+    fixes = ["raise --memory-budget (or KILN_MEMORY_BUDGET)"]
+    if estimate.peak_step in ("verify", "report"):
+        fixes.append("skip the step with --no-verify / --no-report (they run the float GGUF)")
+    fixes.append("or run on a machine with more memory")
+    raise NotEnoughMemory(
+        f"this export needs about {estimate.peak_bytes / 1e9:.2f} GB of memory at its peak ({estimate.peak_step}; "
+        f"{estimate.detail()}), over the memory budget of {budget / 1e9:.2f} GB; " + ", ".join(fixes)
+    )
