@@ -40,16 +40,13 @@ from tasks.adapter import AdapterInfo, apply_adapter
 from tasks.convert import cache_entry_intact, convert_to_gguf, gguf_cache_path
 from tasks.errors import KilnError, ToolchainError
 from tasks.files import content_key
+from tasks.memory import quant_job_memory
 from tasks.progress import progress_reporter
 from tasks.quantize import quantize_gguf
 from tasks.toolchain import Toolchain, current_toolchain
 
 FLOW_NAME = "convert-quantize"
 POOLS = ("cpu", "gpu")
-# Peak resident memory of one libllama quantization, measured on SmolLM2-135M: about 7 bytes per
-# element of the largest tensor (read buffer, f32 copy, output) over the process's baseline.
-_QUANT_BYTES_PER_ELEMENT = 10
-_QUANT_OVERHEAD = 64 << 20
 _QUANT_MIN_THREADS = 2
 
 
@@ -83,18 +80,6 @@ def quant_memory_budget() -> int:
     if explicit is not None:
         return int(explicit * (1 << 30))
     return settings.memory_budget_bytes()
-
-
-def quant_job_memory(base: Path, config: dict[str, Any]) -> int:
-    """Peak memory of one quantization: a few copies of the largest tensor (from config.json), else the base's size."""
-    hidden = config.get("hidden_size") or config.get("n_embd")
-    widest = max(config.get("vocab_size") or 0, config.get("intermediate_size") or 0)
-    if hidden and widest:
-        return _QUANT_BYTES_PER_ELEMENT * int(hidden) * int(widest) + _QUANT_OVERHEAD
-    try:
-        return base.stat().st_size + _QUANT_OVERHEAD
-    except OSError:
-        return _QUANT_OVERHEAD
 
 
 def quant_parallelism(n_jobs: int, per_job: int, budget: int, parallel: int | None = None) -> tuple[int, int]:
