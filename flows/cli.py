@@ -152,8 +152,28 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder."),
         click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]), help="Float type of the base GGUF."),
         click.option("--name", help="File-name stem for the outputs (default: the model's name)."),
+def _set_memory_budget(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """`--memory-budget` is `KILN_MEMORY_BUDGET` for this command: every step, in this process or a child, reads it there."""
+    if value is not None:
+        from tasks.units import parse_size
+
+        try:
+            if parse_size(value) <= 0:
+                raise click.BadParameter("must be more than zero")
+        except KilnError as exc:
+            raise click.BadParameter(str(exc)) from None
+        os.environ["KILN_MEMORY_BUDGET"] = value
+    return value
+
+
+memory_budget_option = click.option(
+    "--memory-budget", expose_value=False, callback=_set_memory_budget,
+    help="Memory every step together may use, e.g. 12GB (default: KILN_MEMORY_BUDGET, else 80 % of the available memory).")
+
+
         click.option("--no-verify", is_flag=True, help="Skip running the outputs and the transformers comparison."),
         click.option("--accept-license", is_flag=True, help="Accept the base's licence where it requires acceptance."),
+        memory_budget_option,
         click.option("--force", is_flag=True, help="Export again even when the outputs are up to date."),
         click.option("--dialect", help="Chat-template dialect when the model's own template is not recognised."),
         click.option("--no-report", is_flag=True, help="Skip measuring each quant type against f16."),
@@ -227,6 +247,7 @@ def batch_command(catalogue: Path, out_root: str | None, check: bool, force: boo
     items = load_catalogue(catalogue, out_root)
     for item in items:
         console.print(f"{item.name}: {item.request.source} → {item.request.out_dir} ({', '.join(item.request.quants)})",
+@memory_budget_option
                       highlight=False, markup=False)
     if check:
         console.print(f"[green]✓[/] {len(items)} catalogue items valid")
