@@ -147,11 +147,6 @@ def cli() -> None:
     """Kiln: Hugging Face models and LoRA adapters to checked GGUF files and Ollama models."""
 
 
-def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder."),
-        click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]), help="Float type of the base GGUF."),
-        click.option("--name", help="File-name stem for the outputs (default: the model's name)."),
 def _set_memory_budget(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
     """`--memory-budget` is `KILN_MEMORY_BUDGET` for this command: every step, in this process or a child, reads it there."""
     if value is not None:
@@ -171,9 +166,14 @@ memory_budget_option = click.option(
     help="Memory every step together may use, e.g. 12GB (default: KILN_MEMORY_BUDGET, else 80 % of the available memory).")
 
 
+def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        memory_budget_option,
+        click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output folder."),
+        click.option("--outtype", type=click.Choice(["f16", "bf16", "f32"]), help="Float type of the base GGUF."),
+        click.option("--name", help="File-name stem for the outputs (default: the model's name)."),
         click.option("--no-verify", is_flag=True, help="Skip running the outputs and the transformers comparison."),
         click.option("--accept-license", is_flag=True, help="Accept the base's licence where it requires acceptance."),
-        memory_budget_option,
         click.option("--force", is_flag=True, help="Export again even when the outputs are up to date."),
         click.option("--dialect", help="Chat-template dialect when the model's own template is not recognised."),
         click.option("--no-report", is_flag=True, help="Skip measuring each quant type against f16."),
@@ -239,6 +239,7 @@ def demo_command(out_dir: Path | None, outtype: str | None, name: str | None, no
 @click.option("--out-root", help="Folder each item's outputs go under (<out-root>/<item>/); overrides the catalogue.")
 @click.option("--check", is_flag=True, help="Validate the catalogue and list its items; export nothing.")
 @click.option("--force", is_flag=True, help="Export items again even when their folders are up to date.")
+@memory_budget_option
 @fail_cleanly
 def batch_command(catalogue: Path, out_root: str | None, check: bool, force: bool) -> None:
     """Export every item of a catalogue (bases × adapters × quant types); a failed item does not stop the others."""
@@ -247,7 +248,6 @@ def batch_command(catalogue: Path, out_root: str | None, check: bool, force: boo
     items = load_catalogue(catalogue, out_root)
     for item in items:
         console.print(f"{item.name}: {item.request.source} → {item.request.out_dir} ({', '.join(item.request.quants)})",
-@memory_budget_option
                       highlight=False, markup=False)
     if check:
         console.print(f"[green]✓[/] {len(items)} catalogue items valid")
