@@ -29,7 +29,7 @@ from tasks.adapter import AdapterInfo
 from tasks.convert import ConversionAhead, warm_converter
 from tasks.errors import KilnError
 from tasks.fetch import SourceRef, display_name, source_ref
-from tasks.files import content_key
+from tasks.files import cache_dir, content_key, sha256_text
 from tasks.manifest import (
     KILN_VERSION,
     find_up_to_date,
@@ -41,7 +41,17 @@ from tasks.manifest import (
 from tasks.outputs import place_outputs, record_output, ship_adapter_lora
 from tasks.toolchain import Toolchain, current_toolchain
 
-EXPORT_LOCK = ".kiln-export.lock"
+
+def export_lock_path(out_dir: Path, cache_root: Path | None = None) -> Path:
+    """The lock every export into `out_dir` holds: in Kiln's cache, named after the folder's resolved path.
+
+    Not in the folder itself, because it is taken before anything is known about the export, and a
+    refused export must leave no folder behind (the folder is made when the first output is placed).
+    Exports into one shared folder from machines with different caches are not serialised by it.
+    """
+    path = (cache_root or cache_dir()) / "locks" / f"export-{sha256_text(str(out_dir.resolve()))[:24]}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def warm_converter_ahead(request: ExportRequest) -> None:
@@ -86,7 +96,7 @@ class StepTimes:
 def run_export(request: ExportRequest) -> Manifest:
     """Every step of an export, in order; runs inside the `export` flow."""
     from tasks.fetch import fetch_source, locate_metadata
-    from tasks.modelfile import write_modelfiles
+    from tasks.ollama_plan import write_modelfiles
     from tasks.preflight import (
         confirm_with_converter,
         conversion_can_start_early,
@@ -107,6 +117,8 @@ def run_export(request: ExportRequest) -> Manifest:
         if early:
             warm_converter(toolchain)  # its import overlaps the checks below
         report = run_preflight.task(ref, metadata_folder, request, toolchain, ask_converter=not early)
+        if report.quants is not None:  # a prebuilt GGUF: never up to more bits, down only when allowed
+            request = request.model_copy(update={"quants": report.quants})
 
     with times("fetch"):
         source = fetch_source.task(ref, metadata_folder, derived_from)
@@ -262,10 +274,14 @@ def export(request: ExportRequest, force: bool = False) -> Manifest:
 
     `force` exports again even when the folder's manifest says the outputs are up to date.
     """
+    from tasks.policy import enforce_on_export
+    from tasks.secrets import load_secrets
+
+    enforce_on_export(request)  # a deployment run: the operator's policy, before anything is written
+    load_secrets()
     out_dir = Path(request.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # Two exports into one folder: the second waits, then finds the first one's outputs.
-    with FileLock(str(out_dir / EXPORT_LOCK)):
+    with FileLock(str(export_lock_path(out_dir))):
         manifest, _ = (None, "") if force else find_up_to_date(request)
         if manifest is not None:
             get_run_logger().info("outputs in %s are up to date; nothing to do", out_dir)

@@ -31,6 +31,7 @@ from tasks.errors import (
     NotEnoughDisk,
     OutputDirInvalid,
     PreTokenizerUnknown,
+    RequantizeRefused,
     SourceInvalid,
     SpecMismatch,
 )
@@ -44,6 +45,7 @@ from tasks.fetch import (
 )
 from tasks.files import cache_dir, sha256_file, sha256_text, write_text_atomic
 from tasks.memory import check_memory, estimate_memory
+from tasks.progress import log_in_run
 from tasks.quantize import (
     BITS_PER_WEIGHT,
     FLOAT_TYPES,
@@ -57,6 +59,7 @@ from templates import registered_dialects
 
 # Room for temporaries and logs on top of the estimate.
 DISK_MARGIN = 1.10
+AUTO = "auto"  # --quant auto: measure candidates, keep the best within --max-size / --max-kl
 _CHKHSH_RE = re.compile(r"chkhsh:\s*([0-9a-f]{64})")
 
 
@@ -104,6 +107,9 @@ class PreflightReport(BaseModel):
     checks: list[Check]
     chat: DialectChoice | None = None
     adapter: AdapterInfo | None = None
+    quants: list[str] | None = Field(
+        None, description="the quant types to make, where preflight narrowed the request's (a prebuilt GGUF)")
+    skipped: dict[str, str] = Field(default_factory=dict, description="requested quant types not made, and why")
 
 
 def choose_dialect(template_source: Path, wanted: str | None, hint: str | None = None) -> DialectChoice | None:
@@ -140,12 +146,21 @@ def choose_dialect(template_source: Path, wanted: str | None, hint: str | None =
 
 
 def check_output_dir(out_dir: Path) -> None:
-    """The output folder exists or can be made, is a folder, and is writable."""
+    """The output folder is a folder, or can be made, and is writable; nothing is created here.
+
+    The folder itself is made when the first output is placed (`tasks.files.atomic_path`), so a
+    refused export leaves no empty folder behind. Writability is tried on the nearest folder that
+    exists: a test file there, removed at once (access(2) says yes to root on /proc).
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputDirInvalid(f"output folder {out_dir} is a file; pass a folder with --out")
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputDirInvalid(f"output folder {out_dir} cannot be made: {existing} is a file; choose another --out")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".kiln-write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".kiln-write-test-"):
             pass
     except OSError as exc:
         raise OutputDirInvalid(f"output folder {out_dir} is not writable ({exc.strerror}); choose another --out") from None
@@ -229,13 +244,13 @@ def probe_converter(folder: Path, toolchain: Toolchain) -> ConverterProbe:
 
 def read_gguf_probe(path: Path) -> ConverterProbe:
     """What a GGUF file says about itself, in the same record a conversion probe gives."""
-    from tasks.modelfile import ModelfileError, read_gguf_metadata
+    from tasks.gguf_file import GGUFFileError, read_metadata
 
     keys = ("general.architecture", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
             "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template")
     try:
-        meta = read_gguf_metadata(path, keys)
-    except (ModelfileError, OSError, ValueError) as exc:
+        meta = read_metadata(path, keys)
+    except GGUFFileError as exc:
         raise SourceInvalid(f"{path.name} is not a readable GGUF file ({exc})") from None
     return ConverterProbe(
         gguf_arch=meta.get("general.architecture") or "unknown",
@@ -302,7 +317,8 @@ def check_disk(paths: list[Path], need: int) -> None:
 
 def check_request(request: ExportRequest, ref: SourceRef) -> None:
     """The checks that need nothing but the request: the CLI makes them before Prefect even starts."""
-    check_quant_types(request.quants)
+    # `auto` is not a type: the request model has checked that it stands alone, with a bound.
+    check_quant_types([q for q in request.quants if q != AUTO])
     check_license(ref.spec, request.accept_license)
     check_output_dir(Path(request.out_dir))
 
@@ -403,9 +419,9 @@ def _chat_check(chat: DialectChoice | None) -> Check:
 
 def gguf_file_type(path: Path) -> str:
     """The quant type a GGUF's tensors are mostly in (`general.file_type`), by Kiln's name for it."""
-    from tasks.modelfile import read_gguf_metadata
+    from tasks.gguf_file import read_file_type
 
-    code = int(read_gguf_metadata(path, ("general.file_type",)).get("general.file_type", 1))
+    code = read_file_type(path) or 1
     names = {v: k for k, v in known_quant_types().items()}
     return names.get(code, "f16" if code == 1 else f"ftype{code}")
 
@@ -426,18 +442,67 @@ def _preflight_gguf(path: Path, request: ExportRequest, chat: DialectChoice | No
         )
     probe = read_gguf_probe(path)
     label = gguf_file_type(path)
+    quants, skipped = plan_requantization(path.name, label, request.quants, request.allow_requantize)
     params = int(path.stat().st_size * 8 / BITS_PER_WEIGHT.get(label, 8.0))
-    need = int(sum(estimated_size(params, q) for q in request.quants) * DISK_MARGIN)
+    need = int(sum(estimated_size(params, q) for q in quants) * DISK_MARGIN)
     check_disk([Path(request.out_dir), cache_dir()], need)
     checks = [
         Check(name="gguf source", target="source", passed=True,
               detail=f"{probe.gguf_arch}, {label}, pre-tokenizer {probe.tokenizer_pre}"),
-        Check(name="quant types", target="request", passed=True, detail=", ".join(request.quants) or "none"),
+        Check(name="quant types", target="request", passed=True, detail=", ".join(quants) or "none"),
         Check(name="disk", target="request", passed=True, detail=f"needs about {need / 1e6:.0f} MB"),
     ]
-    if label not in FLOAT_TYPES and request.quants:
+    checks += [Check(name="quant type skipped", target=quant, passed=True, detail=why) for quant, why in skipped.items()]
+    for quant, why in skipped.items():
+        log_in_run("quant type %s skipped: %s", quant, why)
+    if label not in FLOAT_TYPES and any(q != label for q in quants):
         checks.append(Check(name="requantize", target="source", passed=True,
-                            detail=f"the source is already {label}: requantizing loses more than quantizing from f16"))
+                            detail=f"--allow-requantize: {', '.join(q for q in quants if q != label)} made from the "
+                                   f"{label} source lose more than they would from f16 (two quantizations' errors)"))
     checks.append(_chat_check(chat))
     return PreflightReport(architecture=probe.gguf_arch, probe=probe, params=params, estimated_bytes=need,
-                           checks=checks, chat=chat)
+                           checks=checks, chat=chat, quants=quants, skipped=skipped)
+
+
+def plan_requantization(name: str, source_type: str, quants: list[str],
+                        allow_requantize: bool) -> tuple[list[str], dict[str, str]]:
+    """Which requested types a prebuilt GGUF of `source_type` is quantized to; the others with the reason.
+
+    Never to more bits per weight than the source has: the file grows and keeps the quality of the
+    source. A quantized source goes down only with `allow_requantize` (llama-quantize's
+    --allow-requantize): the second quantization's error adds to the first's. The source's own type
+    is the source itself, placed as it is. Where nothing requested is left, the export is refused.
+    """
+    if quants == [AUTO]:
+        if source_type in FLOAT_TYPES:
+            return quants, {}
+        raise RequantizeRefused(
+            f"{name} is already {source_type}: --quant auto measures its candidates against a float GGUF, so it "
+            f"needs an f16/bf16/f32 source; name the types to make instead (fewer bits than {source_type}, "
+            "with --allow-requantize)")
+    source_bits = BITS_PER_WEIGHT.get(source_type)
+    kept: list[str] = []
+    skipped: dict[str, str] = {}
+    for quant in quants:
+        bits = BITS_PER_WEIGHT.get(quant)
+        if quant == source_type:
+            kept.append(quant)
+        elif source_bits is not None and bits is not None and bits > source_bits:
+            skipped[quant] = (f"more bits per weight ({bits:g}) than the {source_type} source ({source_bits:g}): "
+                              f"a bigger file with the quality of the {source_type} it came from")
+        elif source_type in FLOAT_TYPES or allow_requantize:
+            kept.append(quant)
+        else:
+            skipped[quant] = (f"the source is already quantized ({source_type}); requantizing adds a second "
+                              "quantization's error to the first. Pass --allow-requantize to make it anyway")
+    if quants and not kept:
+        up = [q for q, why in skipped.items() if why.startswith("more bits")]
+        down = [q for q in skipped if q not in up]
+        reasons = ([f"{', '.join(up)} would have more bits than the source"] if up else []) + (
+            [f"{', '.join(down)} would requantize it down"] if down else [])
+        fixes = (["--allow-requantize to requantize it down anyway (quality loss)"] if down else []) + (
+            [f"--quant {source_type} to export the GGUF as it is"] if source_type in known_quant_types() else [])
+        raise RequantizeRefused(
+            f"{name} is already {source_type}, so none of the requested types is made: {'; '.join(reasons)}. "
+            f"Pass {' or '.join(fixes)}")
+    return kept, skipped

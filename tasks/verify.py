@@ -60,9 +60,9 @@ def _threads() -> int:
 
 def gguf_metadata(path: Path) -> dict[str, object]:
     """The GGUF's chat template and special tokens, read without loading tensors."""
-    from tasks.modelfile import read_gguf_tokenizer
+    from tasks.gguf_file import read_tokenizer
 
-    tokenizer = read_gguf_tokenizer(path, with_vocabulary=False)
+    tokenizer = read_tokenizer(path, with_vocabulary=False)
     return {
         "chat_template": tokenizer.chat_template,
         "bos_token": tokenizer.bos_token,

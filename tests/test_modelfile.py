@@ -1,27 +1,23 @@
-"""Modelfile writing and parsing (Ollama's grammar), stops, GGUF tokenizer facts."""
+"""Modelfile writing and parsing (Ollama's grammar), and stops."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 import templates
 from tasks.demo import packaged_gguf
+from tasks.gguf_file import read_tokenizer
 from tasks.modelfile import (
-    TOKENIZER_KEYS,
     Modelfile,
     ModelfileError,
     ModelfileMessage,
     build_modelfile,
-    compute_stops,
     format_value,
     parse_modelfile,
     parse_modelfile_commands,
-    read_gguf_metadata,
-    read_gguf_tokenizer,
     render_modelfile,
 )
+from tasks.stops import compute_stops
 
 TRICKY_TEXTS = [
     "plain",
@@ -223,14 +219,8 @@ def test_without_a_vocabulary_every_stop_is_kept_and_the_gap_reported() -> None:
     assert any("not checked" in w for w in result.warnings)
 
 
-def test_gguf_tokenizer_facts_and_stops_from_the_embedded_model() -> None:
-    facts = read_gguf_tokenizer(packaged_gguf())
-    assert facts.chat_template and "<|im_start|>" in facts.chat_template
-    assert facts.eos_token == "<|im_end|>"
-    assert facts.bos_token == "<|im_start|>"
-    assert facts.add_bos_token is False
-    assert facts.tokens is not None and len(facts.tokens) == 49152
-    assert "<|im_end|>" in facts.special_tokens and "hello" not in facts.special_tokens
+def test_stops_from_the_embedded_model() -> None:
+    facts = read_tokenizer(packaged_gguf())
     result = compute_stops("chatml", eos_tokens=[facts.eos_token], eot_tokens=[facts.eot_token], vocab=facts.tokens)
     assert result.stops == ("<|im_end|>", "<|endoftext|>", "<|im_start|>")
     assert result.warnings == ()
@@ -238,24 +228,3 @@ def test_gguf_tokenizer_facts_and_stops_from_the_embedded_model() -> None:
     # Not SmolLM2 tokens, and the llama3 template never writes them.
     assert "<|end_of_text|>" not in llama.stops and "<|eom_id|>" not in llama.stops
     assert len(llama.warnings) == 2
-
-
-def test_lean_gguf_reader_agrees_with_the_gguf_package() -> None:
-    from gguf import GGUFReader
-
-    path = packaged_gguf()
-    reference = GGUFReader(str(path)).fields
-    ours = read_gguf_metadata(path, TOKENIZER_KEYS | {"general.architecture", "llama.block_count"})
-    for key in TOKENIZER_KEYS | {"general.architecture", "llama.block_count"}:
-        if key not in reference:
-            assert key not in ours
-            continue
-        expected = reference[key].contents()
-        assert ours[key] == expected, key
-
-
-def test_reading_a_file_that_is_not_gguf_is_refused(tmp_path: Path) -> None:
-    bogus = tmp_path / "model.gguf"
-    bogus.write_bytes(b"not a gguf at all")
-    with pytest.raises(ModelfileError, match="not a readable GGUF"):
-        read_gguf_tokenizer(bogus)

@@ -76,9 +76,9 @@ def load_chat_template(source: Path) -> ChatTemplateSource:
     if not source.is_file():
         raise TemplateCheckError(f"{source} does not exist")
     if source.suffix == ".gguf":
-        from tasks.modelfile import read_gguf_tokenizer
+        from tasks.gguf_file import read_tokenizer
 
-        facts = read_gguf_tokenizer(source, with_vocabulary=False)
+        facts = read_tokenizer(source, with_vocabulary=False)
         if not facts.chat_template:
             raise NoChatTemplate(
                 f"{source} carries no tokenizer.chat_template; give the dialect explicitly with --dialect"
