@@ -161,3 +161,11 @@ def test_synthetic_model_is_sharded_with_an_index(synthetic_model: Path) -> None
     index = json.loads((synthetic_model / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in synthetic_model.glob("*.safetensors")}
     assert "lm_head.weight" in index["weight_map"]
+
+
+def test_report_refused_over_the_budget(demo_f16_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.report import ReportError, measure_quants
+
+    monkeypatch.setenv("KILN_MEMORY_BUDGET", "50MB")
+    with pytest.raises(ReportError, match=r"needs about 0\.[0-9]+ GB .* memory budget of 0\.05 GB; raise --memory-budget"):
+        measure_quants(demo_f16_gguf, {})

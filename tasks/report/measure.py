@@ -26,7 +26,8 @@ sequence, so no prompt is decoded twice). Both with `n_threads`, recorded with t
 by default the CPUs the load leaves idle (see `default_threads`).
 
 f16's log-probabilities are computed once and reused for every quant; one model is loaded at a
-time, and a quant's logits are held one chunk at a time.
+time, and a quant's logits are held one chunk at a time. `check_report_memory` holds that peak
+against the memory budget (`KILN_MEMORY_BUDGET`, `--memory-budget`) before anything is measured.
 """
 
 from __future__ import annotations
@@ -383,6 +384,31 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()}"
 
 
+def report_memory_bytes(reference: Path, n_vocab: int, n_ctx: int, n_chunks: int, n_prompts: int,
+                        gen_tokens: int) -> int:
+    """Peak memory of the report: the largest GGUF's weights (llama.cpp maps them; the reference is
+    the largest), f16's kept log-probabilities and probabilities for every scored token (two float32
+    rows a token), and one chunk's logits with its temporary while a quant is compared."""
+    scored = n_chunks * (n_ctx // 2) + n_prompts * gen_tokens
+    chunk = (n_ctx // 2) * n_vocab * 4
+    return Path(reference).stat().st_size + 2 * scored * n_vocab * 4 + 2 * chunk
+
+
+def check_report_memory(reference: Path, n_vocab: int, n_ctx: int, n_chunks: int, n_prompts: int,
+                        gen_tokens: int) -> None:
+    """Refuse before measuring when the report cannot run within the memory budget."""
+    from tasks import settings
+
+    need = report_memory_bytes(reference, n_vocab, n_ctx, n_chunks, n_prompts, gen_tokens)
+    budget = settings.memory_budget_bytes()
+    if need > budget:
+        raise ReportError(
+            f"the quant report needs about {need / 1e9:.2f} GB of memory ({Path(reference).name} and the "
+            f"reference log-probabilities of {n_chunks} chunk(s) of {n_ctx} tokens), over the memory budget of "
+            f"{budget / 1e9:.2f} GB; raise --memory-budget (or KILN_MEMORY_BUDGET), or pass --no-report"
+        )
+
+
 @step(name="report")
 def measure_quants(
     f16_path: Path,
@@ -440,6 +466,7 @@ def measure_quants(
         runner = _Runner(path, n_ctx, threads)
         try:
             if is_ref:
+                check_report_memory(path, runner.n_vocab, n_ctx, n_chunks, len(prompts), gen_tokens)
                 chunks = _text_chunks(runner, text, n_ctx, n_chunks)
                 rendered = _render_chat(runner, prompts, render_chat)
                 ref_vocab = runner.n_vocab
