@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from registry import get_base
+from tasks import gguf_file
 from tasks.adapter import (
     AdapterIncompatible,
     AdapterModeUnsupported,
@@ -274,7 +275,8 @@ def test_peft_mode_carries_a_resized_vocabulary(peft_adapter, demo_model_dir, de
     info = validate_adapter(resized, demo_model_dir, None, mode="peft")
     out = apply_adapter(info, "peft", base_dir=demo_model_dir, base_gguf=None, base_key=demo_base_key, toolchain=toolchain)
     layout = read_gguf_layout(Path(out.gguf))
-    assert layout.metadata["tokenizer.ggml.tokens"] == BASE_VOCAB + 8  # (an array: its length)
+    tokens = gguf_file.read_metadata(Path(out.gguf), ["tokenizer.ggml.tokens"])["tokenizer.ggml.tokens"]
+    assert len(tokens) == BASE_VOCAB + 8
     assert [t.shape for t in layout.tensors if t.name == "token_embd.weight"] == [(BASE_VOCAB + 8, 576)]
     llm = Llama(model_path=out.gguf, n_ctx=128, n_threads=1, verbose=False)
     assert llm.n_vocab() == BASE_VOCAB + 8
@@ -415,7 +417,7 @@ def test_shared_intermediates(adapter_info, peft_adapter, demo_model_dir, demo_f
 def test_merge_refuses_mismatched_files(lora_gguf, demo_f16_gguf, tmp_path):
     with pytest.raises(MergeFailed, match="not a GGUF LoRA adapter"):
         merge_lora_gguf(demo_f16_gguf, demo_f16_gguf, tmp_path / "x.gguf")
-    with pytest.raises(MergeFailed, match="not a GGUF file"):
+    with pytest.raises(MergeFailed, match="not a readable GGUF file"):
         (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 4)
         merge_lora_gguf(tmp_path / "junk.gguf", lora_gguf, tmp_path / "y.gguf")
     assert not list(tmp_path.glob("x.gguf*")) and not (tmp_path / "y.gguf").exists()

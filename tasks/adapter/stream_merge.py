@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import struct
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from tasks import gguf_file
 from tasks.adapter.records import _LORA_GGUF_SUFFIXES, MergeFailed
 from tasks.files import (
     atomic_path,
@@ -25,19 +26,20 @@ from tasks.files import (
 # (every merged tensor keeps its type and shape), only the adapted tensors' bytes differ. So
 # header, metadata and tensor-info block are copied as raw bytes, unchanged tensors are copied
 # by the kernel (copy_file_range), and each adapted tensor is computed from memory-mapped
-# inputs and written in its place. gguf's GGUFReader/GGUFWriter are not used for the base:
-# GGUFReader turns every vocabulary string into numpy objects (2 s and 160 MB for SmolLM2's
-# 49k tokens, more for 150k-token vocabularies), and re-encoding the metadata could only lose
-# fidelity.
+# inputs and written in its place. The layout comes from `tasks.gguf_file`, which decodes only
+# the keys asked for (gguf's GGUFReader turns every vocabulary string into numpy objects), and
+# no GGUF writer re-encodes the metadata, which could only lose fidelity.
 # --------------------------------------------------------------------------------------------
 
-_GGUF_MAGIC = b"GGUF"
-# GGUF value types -> fixed size in bytes (8 = string, 9 = array are variable).
-_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+# Keys the merge and the layout learning read (the block count under every architecture's name, so
+# one pass over the header finds it); the vocabulary arrays are skipped, never decoded.
+_LAYOUT_KEYS = ("general.architecture", "general.type", "adapter.type", "adapter.lora.alpha",
+                *(f"{arch}.block_count" for arch in gguf.MODEL_ARCH_NAMES.values()))
 
 
 class GGUFTensorInfo(BaseModel):
+    """One tensor as the merge addresses it: numpy's dimension order and an absolute file offset."""
+
     model_config = ConfigDict(frozen=True)
 
     name: str
@@ -51,87 +53,39 @@ class GGUFTensorInfo(BaseModel):
         return tuple(reversed(self.ne))
 
 
-class GGUFLayout(BaseModel):
-    """Where everything sits in a GGUF file: metadata scalars and strings, tensor infos, data start."""
+class MergeLayout(BaseModel):
+    """A GGUF file as the streaming merge sees it: the few metadata values it needs, tensors, size."""
 
     model_config = ConfigDict(frozen=True)
 
-    version: int
-    metadata: dict[str, Any] = Field(..., description="scalar and string values; arrays as their length")
+    metadata: dict[str, Any] = Field(..., description="general.architecture, general.type, adapter.*, <arch>.block_count")
     tensors: list[GGUFTensorInfo]
-    data_start: int
-    alignment: int
     file_size: int
 
 
-def read_gguf_layout(path: Path) -> GGUFLayout:
-    """Parse a GGUF file's header, metadata and tensor infos without materialising arrays."""
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+def read_gguf_layout(path: Path) -> MergeLayout:
+    """The tensor table (absolute offsets) and the metadata the merge needs, through `tasks.gguf_file`.
 
+    Refused as `MergeFailed`: a big-endian file (the merge writes the base's bytes as they are, in
+    little-endian arithmetic), a tensor type gguf-py does not know, a tensor past the end of the file.
+    """
     path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != _GGUF_MAGIC:
-            raise MergeFailed(f"{path} is not a GGUF file")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
-        if version not in (2, 3):
-            raise MergeFailed(f"{path}: GGUF version {version} (or a big-endian file) is not supported")
-        pos = 24
-
-        def string() -> str:
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", mm, pos)
-            value = mm[pos + 8: pos + 8 + n].decode("utf-8", errors="replace")
-            pos += 8 + n
-            return value
-
-        def skip_value(vtype: int) -> Any:
-            nonlocal pos
-            if vtype == 8:
-                return string()
-            if vtype == 9:
-                sub, count = struct.unpack_from("<IQ", mm, pos)
-                pos += 12
-                if sub in _GGUF_SCALAR_SIZES:
-                    pos += _GGUF_SCALAR_SIZES[sub] * count
-                else:
-                    for _ in range(count):
-                        skip_value(sub)
-                return count
-            if vtype not in _GGUF_SCALAR_FORMATS:
-                raise MergeFailed(f"{path}: unknown GGUF value type {vtype}")
-            (value,) = struct.unpack_from(_GGUF_SCALAR_FORMATS[vtype], mm, pos)
-            pos += _GGUF_SCALAR_SIZES[vtype]
-            return value
-
-        metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = string()
-            (vtype,) = struct.unpack_from("<I", mm, pos)
-            pos += 4
-            metadata[key] = skip_value(vtype)
-        raw_infos = []
-        for _ in range(n_tensors):
-            name = string()
-            (n_dims,) = struct.unpack_from("<I", mm, pos)
-            ne = struct.unpack_from(f"<{n_dims}Q", mm, pos + 4)
-            ggml_type, offset = struct.unpack_from("<IQ", mm, pos + 4 + 8 * n_dims)
-            pos += 4 + 8 * n_dims + 12
-            raw_infos.append((name, tuple(int(d) for d in ne), int(ggml_type), int(offset)))
-    alignment = int(metadata.get("general.alignment", 32))
-    data_start = pos + (-pos % alignment)
+    try:
+        layout = gguf_file.read_layout(path)
+        metadata = gguf_file.read_metadata(path, _LAYOUT_KEYS)
+    except gguf_file.GGUFFileError as exc:
+        raise MergeFailed(str(exc)) from None
+    if layout.byte_order != "<":
+        raise MergeFailed(f"{path}: a big-endian GGUF is not supported by the streaming merge")
     tensors = []
-    for name, ne, ggml_type, offset in raw_infos:
-        try:
-            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-        except (ValueError, KeyError):
-            raise MergeFailed(f"{path}: tensor {name} has unknown ggml type {ggml_type}") from None
-        nbytes = math.prod(ne) * type_size // block
-        tensors.append(GGUFTensorInfo(name=name, ne=ne, ggml_type=ggml_type, offset=data_start + offset, nbytes=nbytes))
-        if data_start + offset + nbytes > size:
-            raise MergeFailed(f"{path} is truncated: tensor {name} ends past the end of the file")
-    return GGUFLayout(version=version, metadata=metadata, tensors=tensors, data_start=data_start,
-                      alignment=alignment, file_size=size)
+    for t in layout.tensors:
+        if t.nbytes < 0:
+            raise MergeFailed(f"{path}: tensor {t.name} has unknown ggml type {t.ggml_type}")
+        start = layout.data_offset + t.offset
+        if start + t.nbytes > layout.file_size:
+            raise MergeFailed(f"{path} is truncated: tensor {t.name} ends past the end of the file")
+        tensors.append(GGUFTensorInfo(name=t.name, ne=t.shape, ggml_type=t.ggml_type, offset=start, nbytes=t.nbytes))
+    return MergeLayout(metadata=metadata, tensors=tensors, file_size=layout.file_size)
 
 
 # The kernel maps pages around a faulting one too ("fault-around", 64 KiB by default), so pages of a
