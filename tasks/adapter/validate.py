@@ -6,12 +6,12 @@ import hashlib
 import json
 import math
 import re
-import struct
 from pathlib import Path
 from typing import Any
 
 from registry.models import SourceFile
 from registry.spec import BaseModelSpec
+from tasks import safetensors_file
 from tasks.adapter.records import (
     _DORA_RE,
     _LORA_RE,
@@ -40,21 +40,11 @@ def safetensors_header(path: Path) -> dict[str, dict[str, Any]]:
 
 def _safetensors_table(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
     """The tensor table of a .safetensors file and the file offset its data_offsets count from."""
-    with open(path, "rb") as fh:
-        raw = fh.read(8)
-        if len(raw) != 8:
-            raise AdapterIncompatible(f"{path} is not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100 * 1024 * 1024:
-            raise AdapterIncompatible(f"{path} is not a safetensors file (header length {length})")
-        try:
-            header = json.loads(fh.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AdapterIncompatible(f"{path}: unreadable safetensors header ({exc})") from None
-    if not isinstance(header, dict):
-        raise AdapterIncompatible(f"{path}: unreadable safetensors header (not an object)")
-    header.pop("__metadata__", None)
-    return header, 8 + length
+    try:
+        header = safetensors_file.read_header(path)
+    except safetensors_file.SafetensorsFileError as exc:
+        raise AdapterIncompatible(str(exc)) from None
+    return header.tensors, header.data_start
 
 
 def _adapter_weights_file(adapter_dir: Path) -> Path:
