@@ -13,6 +13,8 @@ re-fetching Hub metadata at every decision point:
   model; preflight compares them with what the pinned converter really writes.
 - licence fields: SPDX, acceptance gating and redistribution, each consumed
   by a different gate.
+- `verified_by_standin` / `unverified_reason`: whether the suite exports a
+  faithful stand-in of this base end to end, or why it cannot.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ Dialect = Literal[
     "phi3",
     "phi4mini",
     "mistral",
+    "mistralv3",
     "paligemma",
     "qwen2-audio",
     "qwen2-vl",
@@ -110,6 +113,12 @@ class BaseModelSpec(BaseModel):
     provenance_url: str | None = None
     provenance_match_text: str | None = None
 
+    # What the test suite shows for this base without downloading it: a stand-in (its tokenizer
+    # rebuilt from llama.cpp's own vocabularies, its config.json scaled down) exported end to end
+    # (tests/test_families.py). Where no faithful stand-in can be built, the reason says why.
+    verified_by_standin: bool = False
+    unverified_reason: str | None = Field(None, min_length=1)
+
     modality: Literal["text", "text-moe", "vision-language", "audio-language"] = "text"
     vl_preprocessor_plan: VlPreprocessorPlan | None = None
     audio_preprocessor_plan: AudioPreprocessorPlan | None = None
@@ -173,6 +182,23 @@ class BaseModelSpec(BaseModel):
                 "first-party provenance_url + provenance_match_text"
             )
         return self
+
+    @model_validator(mode="after")
+    def _verified_or_unverified(self) -> BaseModelSpec:
+        if self.verified_by_standin and self.unverified_reason is not None:
+            raise ValueError(
+                f"base {self.key!r}: verified_by_standin=true and an unverified_reason contradict each other"
+            )
+        return self
+
+    @property
+    def standin_status(self) -> str:
+        """One line: verified by a stand-in, or why not, or never checked."""
+        if self.verified_by_standin:
+            return "verified by a stand-in export"
+        if self.unverified_reason:
+            return f"unverified: {self.unverified_reason}"
+        return "not checked by a stand-in"
 
     @property
     def suggested_prompt_temperature(self) -> float:
