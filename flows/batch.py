@@ -25,6 +25,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from registry import load_yaml
 from registry.models import ExportRequest, Manifest
 from tasks.errors import KilnError, SpecInvalid
+from tasks.policy import DeploymentPolicy, PolicyRefused, enforce_on_batch, item_refusals
+from tasks.secrets import load_secrets
 
 ITEM_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 # Catalogue keys an item sets through its own fields; everything else of ExportRequest goes in `options`.
@@ -228,8 +230,13 @@ def check_items(items: list[CatalogueItem]) -> list[str]:
     return problems
 
 
-def load_catalogue(path: str | Path, out_root: str | None = None, check: bool = True) -> list[CatalogueItem]:
-    """Read, validate and expand a catalogue; raise `SpecInvalid` listing every problem before anything runs."""
+def load_catalogue(path: str | Path, out_root: str | None = None, check: bool = True,
+                   policy: DeploymentPolicy | None = None) -> list[CatalogueItem]:
+    """Read, validate and expand a catalogue; raise `SpecInvalid` listing every problem before anything runs.
+
+    With a deployment run's `policy`, an item it refuses fails the whole catalogue (`PolicyRefused`,
+    every such item named) before any item's output folder is made.
+    """
     path = Path(path)
     try:
         raw = load_yaml(path, "catalogue")  # refuses a key given twice, as registry entries do
@@ -243,6 +250,11 @@ def load_catalogue(path: str | Path, out_root: str | None = None, check: bool = 
         problems = _format_errors(raw, exc)
         raise SpecInvalid(f"catalogue {path}: {len(problems)} problem(s):\n  " + "\n  ".join(problems)) from None
     items, problems = expand(catalogue, out_root)
+    if policy is not None:  # before check_items, which makes each item's output folder
+        refused = item_refusals(items, policy)
+        if refused:
+            raise PolicyRefused(f"catalogue {path}: {len(refused)} item(s) refused by this server's policy: "
+                                + "; ".join(refused))
     if check:
         problems += check_items(items)
     if problems:
@@ -335,7 +347,9 @@ def batch_export(
     from tasks.progress import progress_reporter
 
     logger = get_run_logger()
-    items = load_catalogue(catalogue, out_root)
+    policy = enforce_on_batch(catalogue, out_root)  # a deployment run: the operator's policy, before any folder
+    load_secrets()
+    items = load_catalogue(catalogue, out_root, policy=policy)
     logger.info("catalogue %s: %d item(s): %s", catalogue, len(items), ", ".join(i.name for i in items))
     progress = progress_reporter(f"batch {catalogue}: items done", key="kiln-batch")
     outcomes: list[ItemOutcome] = []

@@ -250,6 +250,11 @@ def convert_quantize(source: ResolvedSource, request: ExportRequest, toolchain_k
     Started by the export flow for `placement: cpu | gpu`; the paths are in this worker's
     KILN_CACHE_DIR, which the export's worker must see too (same machine, or shared storage).
     """
+    from tasks.policy import enforce_on_convert
+    from tasks.secrets import load_secrets
+
+    enforce_on_convert(source, request)  # its form is in the UI too: the operator's policy on deployment runs
+    load_secrets()
     logger = get_run_logger()
     toolchain = current_toolchain()
     if toolchain_key and toolchain.cache_key != toolchain_key:

@@ -11,11 +11,14 @@ thing, and a test that sets a variable after import still takes effect.
 | `KILN_CONVERTER_HOST` | `0` runs every conversion as a plain subprocess | `1` (a forked host on Linux) |
 | `KILN_PLACEMENT_POLL_SECONDS` | how often an export asks whether its cpu/gpu child run has finished | `2` |
 | `LLAMA_CPP_DIR` | your own llama.cpp checkout instead of the pinned source's converter | unset |
+| `KILN_POLICY_FILE` | the operator's policy for deployment runs (YAML, `deployments/policy.yaml`): roots, switches, keys | unset: both roots are the run's working folder, switches off |
+| `KILN_SECRETS` | deployment runs: `VAR=block,...` fills each credential variable (`HF_TOKEN`, ...) from that Prefect Secret block | unset |
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from tasks.errors import KilnError
@@ -99,3 +102,28 @@ def llama_cpp_dir() -> Path | None:
     """`LLAMA_CPP_DIR`: a llama.cpp checkout whose converter replaces the pinned one."""
     raw = os.environ.get("LLAMA_CPP_DIR", "").strip()
     return Path(raw).expanduser() if raw else None
+
+
+def policy_file() -> Path | None:
+    """`KILN_POLICY_FILE`: the YAML policy deployment runs obey (tasks/policy.py); None: the defaults."""
+    raw = os.environ.get("KILN_POLICY_FILE", "").strip()
+    return Path(raw).expanduser() if raw else None
+
+
+# Only credentials: a Secret block must not become PATH, LD_PRELOAD or PYTHONPATH.
+_SECRET_VAR = re.compile(r"^(HF_TOKEN|HUGGING_FACE_HUB_TOKEN|[A-Z][A-Z0-9_]*_(TOKEN|KEY|PASSWORD|SECRET))$")
+
+
+def secret_blocks() -> dict[str, str]:
+    """`KILN_SECRETS`: `HF_TOKEN=hf-token[,VAR=block...]`, each credential variable and the Secret block holding it."""
+    raw = os.environ.get("KILN_SECRETS", "").strip()
+    pairs: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in raw.split(","))):
+        var, sep, block = (x.strip() for x in part.partition("="))
+        if not sep or not var or not block:
+            raise SettingInvalid(f"KILN_SECRETS: {part!r} is not VAR=block; write e.g. KILN_SECRETS=HF_TOKEN=hf-token")
+        if not _SECRET_VAR.match(var):
+            raise SettingInvalid(f"KILN_SECRETS: {var!r} is not a credential variable (HF_TOKEN, or a name ending in "
+                                 "_TOKEN, _KEY, _PASSWORD or _SECRET)")
+        pairs[var] = block
+    return pairs

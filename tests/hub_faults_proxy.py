@@ -11,7 +11,9 @@ request to olah unchanged, except where a test asked for a fault:
 - `gate(repo_id, status)`: everything about `repo_id` answers 401/403 with the
   Hub's `X-Error-Code: GatedRepo`, and (as a careless server might) echoes the
   request's Authorization header in the error body, so tests can prove the
-  token never reaches a Kiln message.
+  token never reaches a Kiln message. `gate(repo_id, status, token=T)`: only a
+  request carrying `Authorization: Bearer T` gets through, as the Hub lets an
+  account that accepted the licence download.
 
 It serves `Range: bytes=N-` itself (206 with the tail of olah's full body), the
 way the Hub's CDN does, and records every request so tests can count them.
@@ -75,6 +77,7 @@ class FaultProxy:
             self._corrupt: set[str] = set()
             self._fail: dict[str, int] = {}
             self._gated: dict[str, int] = {}
+            self._gate_tokens: dict[str, str] = {}
 
     def drop_once(self, name: str, after: int) -> None:
         with self._lock:
@@ -88,9 +91,11 @@ class FaultProxy:
         with self._lock:
             self._fail[name] = status
 
-    def gate(self, repo_id: str, status: int = 401) -> None:
+    def gate(self, repo_id: str, status: int = 401, token: str | None = None) -> None:
         with self._lock:
             self._gated[repo_id] = status
+            if token is not None:
+                self._gate_tokens[repo_id] = token
 
     def seen(self, name: str | None = None, method: str | None = None) -> list[Seen]:
         with self._lock:
@@ -133,6 +138,8 @@ class _Handler(BaseHTTPRequestHandler):
         name = plain.rsplit("/", 1)[-1] if "/resolve/" in plain else None
 
         for repo, status in dict(proxy._gated).items():
+            if repo in proxy._gate_tokens and auth == f"Bearer {proxy._gate_tokens[repo]}":
+                continue
             if f"/{repo}/" in plain + "/":
                 message = (f"Access to model {repo} is restricted. You must have access to it and be "
                            "authenticated to access it. Please log in.")

@@ -1,16 +1,19 @@
 """A real Prefect server, work pools, process workers and deployments, for the deployment tests.
 
 `prefect server start` on 127.0.0.1 (a free port) with SQLite in a temporary PREFECT_HOME,
-the UI off and analytics off; workers started with `prefect worker start`; every process
-started here is stopped by its PID (workers before the server: a worker whose server went
-first ignores SIGTERM). The REST API is driven with httpx, so the test process's own Prefect
-settings are left alone.
+the UI off and analytics off, and API authentication on, as docs/deployments.md tells a team
+to run it: `PREFECT_SERVER_API_AUTH_STRING` on the server, `PREFECT_API_AUTH_STRING` (the same
+`user:password`) for the CLI, workers and clients, which send it as HTTP basic auth. Workers
+are started with `prefect worker start`; every process started here is stopped by its PID
+(workers before the server: a worker whose server went first ignores SIGTERM). The REST API
+is driven with httpx, so the test process's own Prefect settings are left alone.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -76,11 +79,15 @@ class PrefectServer:
     api_url: str
     proc: subprocess.Popen
     log: Path
+    auth: str | None = None
     workers: list[Worker] = field(default_factory=list)
 
     @classmethod
-    def start(cls, home: Path, extra_env: dict[str, str] | None = None, timeout: float = 120) -> PrefectServer:
+    def start(cls, home: Path, extra_env: dict[str, str] | None = None, timeout: float = 120,
+              auth: bool = True) -> PrefectServer:
+        """Start the server; with `auth`, a fresh `kiln-tests:<random>` auth string it and every client share."""
         home.mkdir(parents=True, exist_ok=True)
+        auth_string = f"kiln-tests:{secrets.token_urlsafe(16)}" if auth else None
         port = free_port()
         api_url = f"http://127.0.0.1:{port}/api"
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -95,6 +102,8 @@ class PrefectServer:
             "PREFECT_WORKER_HEARTBEAT_SECONDS": "10",
             "PREFECT_LOGGING_LEVEL": "INFO",
             "PYTHONUNBUFFERED": "1",
+            **({"PREFECT_SERVER_API_AUTH_STRING": auth_string, "PREFECT_API_AUTH_STRING": auth_string}
+               if auth_string else {}),
             **(extra_env or {}),
         })
         log = home / "server.log"
@@ -104,13 +113,13 @@ class PrefectServer:
                 env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, cwd=home,
             )
-        server = cls(home=home, env=env, api_url=api_url, proc=proc, log=log)
+        server = cls(home=home, env=env, api_url=api_url, proc=proc, log=log, auth=auth_string)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"prefect server exited ({proc.returncode}):\n{tail(log)}")
             try:
-                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:  # health needs no auth
                     return server
             except httpx.HTTPError:
                 pass
@@ -128,8 +137,13 @@ class PrefectServer:
                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
 
-    def start_workers(self, *pools: str, timeout: float = 90) -> list[Worker]:
-        """One process worker a pool, started together; returns when every pool is READY."""
+    def start_workers(self, *pools: str, env: dict[str, str] | None = None, timeout: float = 90) -> list[Worker]:
+        """One process worker a pool, started together, with `env` added to theirs; returns when every pool is READY.
+
+        `env` is the worker's side of a deployment (an operator's KILN_POLICY_FILE, say): every
+        flow run the worker starts inherits it.
+        """
+        worker_env = {**self.env, **(env or {})}
         started = []
         for pool in pools:
             log = self.home / f"worker-{pool}.log"
@@ -137,7 +151,7 @@ class PrefectServer:
                 proc = subprocess.Popen(
                     [*prefect_command(), "worker", "start", "--pool", pool, "--type", "process",
                      "--name", f"{pool}-worker"],
-                    env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=worker_env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, cwd=REPO_ROOT,
                 )
             worker = Worker(pool=pool, proc=proc, log=log)
@@ -182,12 +196,19 @@ class PrefectServer:
         # SQLite under a busy server answers 503 now and then ("database is locked"); Prefect's
         # own client retries those, and so does this one, a few times.
         for attempt in range(6):
-            response = httpx.request(method, self.api_url + path, json=body, timeout=30)
+            response = httpx.request(method, self.api_url + path, json=body, timeout=30, auth=self.basic_auth())
             if response.status_code not in (502, 503, 504) or attempt == 5:
                 break
             time.sleep(1 + attempt)
         response.raise_for_status()
         return response.json()
+
+    def basic_auth(self) -> httpx.BasicAuth | None:
+        """The auth string as HTTP basic auth, the way Prefect's own clients send it."""
+        if self.auth is None:
+            return None
+        user, _, password = self.auth.partition(":")
+        return httpx.BasicAuth(user, password)
 
     def get(self, path: str) -> Any:
         return self._request("GET", path)
@@ -195,10 +216,16 @@ class PrefectServer:
     def post(self, path: str, body: dict[str, Any]) -> Any:
         return self._request("POST", path, body)
 
-    def run_deployment(self, name: str, parameters: dict[str, Any]) -> str:
-        """Create a flow run of `flow/deployment` with `parameters` (as the UI's Run button does); its id."""
+    def run_deployment(self, name: str, parameters: dict[str, Any], job_variables: dict[str, Any] | None = None) -> str:
+        """Create a flow run of `flow/deployment` with `parameters` (as the UI's Run button does); its id.
+
+        `job_variables`: the run's own overrides, as the UI's custom run sets them (e.g. `env`).
+        """
         deployment = self.get(f"/deployments/name/{name}")
-        run = self.post(f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters})
+        body: dict[str, Any] = {"parameters": parameters}
+        if job_variables is not None:
+            body["job_variables"] = job_variables
+        run = self.post(f"/deployments/{deployment['id']}/create_flow_run", body)
         return run["id"]
 
     def wait(self, flow_run_id: str, timeout: float = 300) -> dict[str, Any]:

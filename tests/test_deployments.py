@@ -107,7 +107,8 @@ first = threading.Thread(target=job, args=("first", 4.0))
 first.start()
 deadline = time.monotonic() + 60
 limit = os.environ["PREFECT_API_URL"] + "/v2/concurrency_limits/tag:gpu"
-while httpx.get(limit).json()["active_slots"] < 1:  # the first job holds the GPU
+auth = tuple(os.environ["PREFECT_API_AUTH_STRING"].split(":", 1))  # the server wants its auth string
+while httpx.get(limit, auth=auth).json()["active_slots"] < 1:  # the first job holds the GPU
     assert first.is_alive() and time.monotonic() < deadline, "the first job never took the gpu slot"
     time.sleep(0.2)
 job("second", 0.0)
