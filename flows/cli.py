@@ -175,7 +175,10 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--no-verify", is_flag=True, help="Skip running the outputs and the transformers comparison."),
         click.option("--accept-license", is_flag=True, help="Accept the base's licence where it requires acceptance."),
         click.option("--force", is_flag=True, help="Export again even when the outputs are up to date."),
-        click.option("--dialect", help="Chat-template dialect when the model's own template is not recognised."),
+        click.option("--dialect", help="Use this dialect's Go TEMPLATE for Ollama: required for a GGUF without a chat "
+                                       "template; otherwise accepted when it renders the model's template exactly or "
+                                       "near (refused when far off). Without it Kiln picks the exact dialect, or has "
+                                       "Ollama render the model's own Jinja."),
         click.option("--no-report", is_flag=True, help="Skip measuring each quant type against f16."),
         click.option("--ollama-name", help="Register with Ollama (OLLAMA_HOST) under this name."),
         click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout."),
@@ -317,7 +320,8 @@ def template_group() -> None:
 
 @template_group.command("check")
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
-@click.option("--dialect", help="Check this dialect only, instead of finding the one that fits.")
+@click.option("--dialect", help="Ask for this dialect's Go template: reported exact or near, or refused (with the "
+                                "dialect that fits, if one does).")
 @click.option("--bos-token", help="The model's BOS token, for a bare .jinja file that uses bos_token "
                                   "(a model folder or a GGUF names its own).")
 @click.option("--eos-token", help="The model's EOS token, for a bare .jinja file that uses eos_token.")
