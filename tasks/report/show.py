@@ -63,14 +63,16 @@ def report_markdown(report: QuantReport, choice: QuantChoice | None = None) -> s
 
 def rich_table(report: QuantReport, choice: QuantChoice | None = None) -> Table:
     """The same table for the terminal (`rich.console.Console().print(rich_table(report))`)."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="Quant types: quality, size, speed", caption=_footer(report), caption_justify="left")
+    # Names and labels come from outside Kiln (file names, the machine): printed literally, not as markup.
+    table = Table(title="Quant types: quality, size, speed", caption=escape(_footer(report)), caption_justify="left")
     for col in _COLUMNS:
         table.add_column(col, justify="left" if col == "quant" else "right")
     for r in report.by_size():
         style = "bold green" if choice is not None and r.quant == choice.quant else ("dim" if r.is_reference else None)
-        table.add_row(*_cells(r), style=style)
+        table.add_row(*(escape(cell) for cell in _cells(r)), style=style)
     return table
 
 
