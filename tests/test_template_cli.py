@@ -171,3 +171,12 @@ def test_a_prebuilt_gguf_without_a_chat_template_is_refused_before_prefect(tmp_p
     assert "no-template.gguf carries no chat template" in proc.stderr and "--dialect" in proc.stderr
     assert "Starting temporary server" not in proc.stderr  # refused before Prefect
     assert not list(tmp_path.glob("out/*.gguf"))
+
+
+def test_export_refuses_an_asked_for_dialect_that_is_far_off_before_prefect(tmp_path: Path) -> None:
+    gguf = gguf_with_template(tmp_path / "deepseek-template.gguf", DEEPSEEK.read_text())
+    proc = run_kiln("export", str(gguf), "--dialect", "chatml", "--quant", "q4_1", "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert_clean(proc)
+    assert "the 'chatml' dialect does not render" in proc.stderr and "Leave --dialect out" in proc.stderr
+    assert "Starting temporary server" not in proc.stderr
