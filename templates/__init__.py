@@ -11,7 +11,9 @@ Llama 3 headers, Gemma turns, ...). Each row of the table records:
 - the reference Jinja chat templates (real models' `tokenizer.chat_template`,
   vendored under `reference/`) that the Go template must reproduce byte for
   byte over Kiln's message matrix, and `verified`: True only for dialects with
-  such a reference, which `tests/test_template_roundtrip.py` checks.
+  such a reference, which `tests/test_template_roundtrip.py` checks;
+- `fixed_date`: the date the Go template prints where a model's template
+  prints today's (Llama 3.2), so such a template is "exact apart from the date".
 
 The templates never write a BOS token: Ollama's tokenizer adds BOS itself
 when the GGUF says `tokenizer.ggml.add_bos_token`, and a template that wrote
