@@ -273,13 +273,13 @@ def up_to_date(request: ExportRequest) -> Manifest | None:
     """
     from filelock import FileLock
 
-    from flows.export import EXPORT_LOCK
+    from flows.export import export_lock_path
     from tasks.manifest import find_up_to_date
 
     out_dir = Path(request.out_dir)
     if not out_dir.is_dir():
         return None
-    with FileLock(str(out_dir / EXPORT_LOCK)):
+    with FileLock(str(export_lock_path(out_dir))):
         return find_up_to_date(request)[0]
 
 

@@ -92,7 +92,12 @@ def preflight_before_prefect(request) -> None:
     ref = source_ref(request)
     check_request(request, ref)
     folder, _ = locate_metadata(ref)
-    run_preflight(ref, folder, request, current_toolchain())
+    report = run_preflight(ref, folder, request, current_toolchain())
+    for quant, why in report.skipped.items():
+        console.print(f"[yellow]skipped[/] {escape(quant)}: {escape(why)}", soft_wrap=True, highlight=False)
+    for check in report.checks:
+        if check.name == "requantize":  # a prebuilt quantized GGUF requantized down: --allow-requantize
+            console.print(f"[yellow]warning:[/] {escape(check.detail or '')}", soft_wrap=True, highlight=False)
 
 
 class _NoTracebackForKilnErrors(logging.Filter):
@@ -205,11 +210,14 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickled *.bin/*.pt weights. Dangerous: unpickling can run arbitrary code.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow a model whose config asks for its own code.")
+@click.option("--allow-requantize", is_flag=True,
+              help="A prebuilt quantized GGUF: also make the types with fewer bits than it (quality loss). "
+                   "Types with more bits are never made.")
 def export_command(source: str, quants: str, out_dir: Path | None, outtype: str | None, name: str | None,
                    no_verify: bool, accept_license: bool, force: bool, dialect: str | None, no_report: bool,
                    ollama_name: str | None, as_json: bool, resolve_revision: bool, allow_pickle: bool,
                    trust_remote_code: bool, max_size: str | None, max_kl: float | None, placement: str,
-                   adapter: str | None, adapter_mode: str) -> None:
+                   adapter: str | None, adapter_mode: str, allow_requantize: bool) -> None:
     """Export SOURCE to GGUF: a registry key, a local Hugging Face folder or GGUF file,
     hf:ORG/NAME@SHA, hf:ORG/NAME@SHA#PATTERN.gguf (a prebuilt GGUF), or `demo`."""
     request = build_request(
@@ -217,7 +225,7 @@ def export_command(source: str, quants: str, out_dir: Path | None, outtype: str 
         outtype=outtype, name=name, verify=not no_verify, accept_license=accept_license, dialect=dialect,
         ollama_name=ollama_name, resolve_revision=resolve_revision, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, report=not no_report, max_size=max_size, max_kl=max_kl,
-        placement=placement, adapter=adapter, adapter_mode=adapter_mode,
+        placement=placement, adapter=adapter, adapter_mode=adapter_mode, allow_requantize=allow_requantize,
     )
     run_export_command(request, as_json, force)
 

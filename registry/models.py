@@ -59,6 +59,13 @@ class ExportRequest(BaseModel):
     resolve_revision: bool = Field(False, description="Resolve a Hub branch or tag to its commit SHA once, and record it.")
     allow_pickle: bool = Field(False, description="Allow pickled *.bin/*.pt weights (they can run code when loaded).")
     trust_remote_code: bool = Field(False, description="Allow a model whose config asks for custom code (not registry keys: their spec decides).")
+    allow_requantize: bool = Field(
+        False,
+        description=(
+            "A prebuilt quantized GGUF: also make the requested types with fewer bits than it (quality loss: the "
+            "second quantization's error adds to the first's). Types with more bits are never made."
+        ),
+    )
     dialect: str | None = Field(None, description="Chat-template dialect for the Modelfile when the model's own template is not recognised.")
     ollama_name: str | None = Field(None, description="Register the outputs with Ollama under this name (tag = quant type unless given).")
     adapter: str | None = Field(None, description="A PEFT LoRA adapter folder to apply to the base.")

@@ -46,6 +46,11 @@ class QuantTypeUnknown(KilnError):
     """A quant type libllama does not know."""
 
 
+class RequantizeRefused(KilnError):
+    """A prebuilt quantized GGUF would be quantized to no requested type: every one has more bits, or
+    needs `--allow-requantize`."""
+
+
 class OutputDirInvalid(KilnError):
     """The output folder is a file, not writable, or a name escapes its folder."""
 

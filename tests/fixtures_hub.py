@@ -150,8 +150,22 @@ def tiny_model_files(*, with_shard2: bool = True) -> dict[str, bytes]:
 
 
 def tiny_gguf(tag: str) -> bytes:
-    """Bytes that start like a GGUF file (magic, version 3); enough for fetch, which never loads them."""
-    return b"GGUF" + (3).to_bytes(4, "little") + tag.encode().ljust(64, b"\0") + bytes(range(256)) * 256
+    """A whole GGUF of 64 KiB (one f32 tensor, `tag` as general.name), written by gguf-py: fetch checks its
+    tensor table against its size, and never loads it."""
+    import tempfile
+
+    import gguf
+
+    with tempfile.TemporaryDirectory(prefix="kiln-tiny-gguf-") as tmp:
+        path = Path(tmp) / "tiny.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_name(tag)
+        writer.add_tensor("tiny.weight", np.arange(64 * 256, dtype=np.float32).reshape(64, 256))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path.read_bytes()
 
 
 def big_model_files() -> dict[str, bytes]:

@@ -32,6 +32,7 @@ from tasks.fetch.folders import (
     SAFETENSORS_INDEX,
     WEIGHT_PATTERNS,
     ModelFamily,
+    check_gguf_complete,
     check_gguf_magic,
     check_remote_code,
     check_safetensors,
@@ -61,10 +62,11 @@ from tasks.fetch.ref import SourceRef, display_name, display_source
 from tasks.fetch.steps import fetch_source, locate_metadata
 
 __all__ = [
-    "DEFAULT_BOS_TOKEN_ID", "DEFAULT_EOS_TOKEN_ID", "HUB_PAGE", "METADATA_PATTERNS", "PICKLE_DANGER", "PICKLE_INDEX",
-    "PICKLE_SUFFIXES", "SAFETENSORS_INDEX", "WEIGHT_PATTERNS", "HubFile", "ModelFamily", "SourceRef",
-    "check_gguf_magic", "check_remote_code", "check_safetensors", "check_weights", "display_name", "display_source",
-    "fetch_source", "fingerprint", "hub_env", "hub_listing", "licence_page", "locate_metadata", "match_gguf",
-    "model_family", "model_files", "parse_source", "plan_weights", "planned_weight_bytes", "read_config",
-    "read_index", "redact", "resolve_commit", "safe_relpath", "source_ref", "verify_hub_files",
+    "DEFAULT_BOS_TOKEN_ID", "DEFAULT_EOS_TOKEN_ID", "HUB_PAGE", "METADATA_PATTERNS", "PICKLE_DANGER",
+    "PICKLE_INDEX", "PICKLE_SUFFIXES", "SAFETENSORS_INDEX", "WEIGHT_PATTERNS", "HubFile", "ModelFamily",
+    "SourceRef", "check_gguf_complete", "check_gguf_magic", "check_remote_code", "check_safetensors",
+    "check_weights", "display_name", "display_source", "fetch_source", "fingerprint", "hub_env", "hub_listing",
+    "licence_page", "locate_metadata", "match_gguf", "model_family", "model_files", "parse_source",
+    "plan_weights", "planned_weight_bytes", "read_config", "read_index", "redact", "resolve_commit",
+    "safe_relpath", "source_ref", "verify_hub_files",
 ]

@@ -272,6 +272,31 @@ def check_gguf_magic(path: Path, name: str) -> None:
         raise SourceCorrupt(f"{name}: not a GGUF file (it starts with {magic!r}, not b'GGUF')")
 
 
+def check_gguf_complete(path: Path, name: str) -> None:
+    """A GGUF whose tensor table fits its size: magic, readable header, every tensor's data inside the file.
+
+    What libllama finds only when it loads the file ("data is not within the file bounds"), seconds
+    into quantization; here it costs one pass over the header (tasks.gguf_file.read_layout).
+    """
+    from tasks.gguf_file import GGUFFileError, read_layout
+
+    check_gguf_magic(path, name)
+    try:
+        layout = read_layout(path)
+    except GGUFFileError as exc:
+        raise SourceCorrupt(f"{name}: the GGUF header cannot be read ({exc}); the file is truncated or damaged, "
+                            "download or convert it again") from None
+    end, last = layout.data_offset, None
+    for tensor in layout.tensors:
+        # A type gguf-py does not know has no size (-1): its start must still lie inside the file.
+        tensor_end = layout.data_offset + tensor.offset + max(tensor.nbytes, 0)
+        if tensor_end > end:
+            end, last = tensor_end, tensor.name
+    if layout.file_size < end:
+        raise SourceCorrupt(f"{name}: truncated: its tensor table describes {end} bytes (up to the end of tensor "
+                            f"{last!r}) but the file has {layout.file_size}; download or convert it again")
+
+
 def check_weights(folder: Path, weights: list[str], where: str) -> None:
     """Every safetensors shard's header against its size, and the index's tensors against the shards."""
     holds: dict[str, set[str]] = {}

@@ -31,7 +31,7 @@ from tasks.fetch.folders import (
     PICKLE_INDEX,
     SAFETENSORS_INDEX,
     _folder_names,
-    check_gguf_magic,
+    check_gguf_complete,
     fingerprint,
     plan_weights,
     safe_relpath,
@@ -424,7 +424,7 @@ def _hub_gguf(ref: SourceRef, env: _HubEnv, previous: list[SourceFile] | None) -
         folder = _cached_snapshot_folder(ref, env)
         name = match_gguf(ref, _folder_names(folder))
     (record,) = verify_hub_files(ref, folder, [name], listing, previous)
-    check_gguf_magic(folder / name, f"{ref.id}@{ref.revision}: {name}")
+    check_gguf_complete(folder / name, f"{ref.id}@{ref.revision}: {name}")
     return folder, record
 
 

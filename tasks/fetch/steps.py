@@ -8,7 +8,7 @@ from registry.models import ResolvedSource, SourceFile
 from tasks.fetch.folders import (
     METADATA_PATTERNS,
     _folder_names,
-    check_gguf_magic,
+    check_gguf_complete,
     check_remote_code,
     check_weights,
     fingerprint,
@@ -44,7 +44,7 @@ def locate_metadata(ref: SourceRef) -> tuple[Path, str | None]:
 
         return ensure_demo_model()
     if ref.kind == "gguf":
-        check_gguf_magic(Path(ref.id), ref.id)
+        check_gguf_complete(Path(ref.id), ref.id)
         return Path(ref.id), None
     if ref.kind == "local":
         folder = Path(ref.id)
@@ -75,7 +75,7 @@ def fetch_source(ref: SourceRef, metadata_folder: Path, derived_from: str | None
     """
     if ref.kind == "gguf":
         path = Path(ref.id)
-        check_gguf_magic(path, ref.id)
+        check_gguf_complete(path, ref.id)
         return ResolvedSource(kind="gguf", id=ref.id, path=ref.id, files=fingerprint([path], path.parent, previous))
     if ref.kind == "hf-gguf":
         env = hub_env()

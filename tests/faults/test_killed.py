@@ -22,6 +22,7 @@ import json
 
 import pytest
 
+from flows.export import export_lock_path
 from tests.faults.helpers import (
     DEMO_QUANTS,
     FAST,
@@ -38,9 +39,6 @@ from tests.faults.helpers import (
     wait_until,
 )
 
-EXPORT_LOCK = ".kiln-export.lock"
-
-
 @pytest.fixture(scope="module")
 def killed_scenario(prefect_api, reference_export, kiln_cache, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("killed")
@@ -54,11 +52,11 @@ def killed_scenario(prefect_api, reference_export, kiln_cache, tmp_path_factory)
     run = Kiln(args, env, root / "logs", "1-killed-converting")
     wait_until(growing_temporary(gguf, "f16"), run, "the converter writing the f16 GGUF")
     f16_lock = next(gguf.glob("*-f16-*.gguf.lock"))
-    seen["convert: export lock held"] = lock_is_held(out / EXPORT_LOCK)
+    seen["convert: export lock held"] = lock_is_held(export_lock_path(out, cache))
     seen["convert: cache lock held"] = lock_is_held(f16_lock)
     run.kill()
     seen["convert: group gone"] = run.group_gone()
-    seen["convert: export lock free"] = not lock_is_held(out / EXPORT_LOCK)
+    seen["convert: export lock free"] = not lock_is_held(export_lock_path(out, cache))
     seen["convert: cache lock free"] = not lock_is_held(f16_lock)
     seen["convert: cache"] = sorted(p.name for p in gguf.iterdir())
     seen["convert: temporaries"] = temporaries(gguf)
@@ -69,7 +67,7 @@ def killed_scenario(prefect_api, reference_export, kiln_cache, tmp_path_factory)
     run = Kiln(args, env, root / "logs", "2-killed-quantizing")
     probes = [growing_temporary(gguf, q) for q in DEMO_QUANTS[1:]]
     wait_until(lambda: any(p() for p in probes), run, "libllama writing a quantization")
-    seen["quantize: export lock held"] = lock_is_held(out / EXPORT_LOCK)
+    seen["quantize: export lock held"] = lock_is_held(export_lock_path(out, cache))
     run.kill()
     seen["quantize: group gone"] = run.group_gone()
     seen["quantize: second run stderr"] = run.stderr
@@ -105,8 +103,8 @@ def test_a_run_killed_while_converting_leaves_no_half_file_under_a_final_name(ki
 def test_locks_of_a_killed_run_are_released_by_the_kernel(killed_scenario):
     seen = killed_scenario
     assert seen["convert: export lock free"] and seen["convert: cache lock free"]
-    # The lock files stay on disk; the runs after the kill still went ahead.
-    assert (seen["out"] / ".kiln-export.lock").is_file()
+    # The lock files stay on disk (in the cache, not the output folder); the runs after the kill still went ahead.
+    assert export_lock_path(seen["out"], seen["cache"]).is_file()
     assert seen["rerun: rc"] == 0
 
 
