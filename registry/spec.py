@@ -24,27 +24,12 @@ from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from templates import Dialect, PlannedDialect
+
 SHA_RE: Final[re.Pattern[str]] = re.compile(r"^[0-9a-f]{40}$")
 HF_ID_PART_RE: Final[re.Pattern[str]] = re.compile(r"^[A-Za-z0-9._-]+$")
 DEFAULT_PROMPT_TEMPERATURE: Final[float] = 0.7
 DEFAULT_REASONING_PROMPT_TEMPERATURE: Final[float] = 0.6
-
-Dialect = Literal[
-    "chatml",
-    "qwen3thinking",
-    "gemma2",
-    "smollm3",
-    "olmo2",
-    "llama3",
-    "phi3",
-    "phi4mini",
-    "mistral",
-    "mistralv3",
-    "paligemma",
-    "qwen2-audio",
-    "qwen2-vl",
-    "internvl2",
-]
 
 
 class VlPreprocessorPlan(BaseModel):
@@ -92,7 +77,7 @@ class BaseModelSpec(BaseModel):
     architecture: str = Field(..., description="transformers `config.architectures[0]` value.")
     params: int = Field(..., gt=0, description="Parameter count; drives disk and memory estimates.")
     target_modules: list[str] = Field(..., min_length=1)
-    template: Dialect
+    template: Dialect | PlannedDialect
     gguf_arch: str = Field(..., min_length=1, description="Name llama.cpp's converter uses.")
     tokenizer_pre: str = Field(..., min_length=1, description="Pre-tokenizer label.")
 

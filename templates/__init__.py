@@ -42,6 +42,9 @@ Dialect = Literal[
     "mistral",
     "mistralv3",
 ]
+# Dialects seed 000 plans for multimodal bases. No `.gotmpl` ships for them yet: a registry spec may
+# name one, and an export of such a base writes no Modelfile TEMPLATE for it.
+PlannedDialect = Literal["paligemma", "qwen2-audio", "qwen2-vl", "internvl2"]
 
 TEMPLATES_DIR: Final[Path] = Path(__file__).resolve().parent
 REFERENCE_DIR: Final[Path] = TEMPLATES_DIR / "reference"
