@@ -160,11 +160,18 @@ def test_deployment_exports_outside_the_policy_are_refused_with_nothing_written(
         "a local source outside": ({**fast, "source": str(outside), "out_dir": str(tmp_path / "source")}, REFUSED_PATH),
     }
     runs = {name: server.run_deployment("export/export", {"request": request}) for name, (request, _) in cases.items()}
+    # The UI's custom run can set job variables; naming another policy file there is refused too.
+    permissive = tmp_path / "permissive.yaml"
+    permissive.write_text(yaml.safe_dump({"output_roots": [str(outside)], "allow_pickle": True}))
+    runs["a per-run policy file"] = server.run_deployment(
+        "export/export", {"request": {**fast, "out_dir": str(outside / "override"), "allow_pickle": True}},
+        job_variables={"env": {"KILN_POLICY_FILE": str(permissive)}})
+    cases["a per-run policy file"] = ({}, "the policy is the operator's")
     for name, run_id in runs.items():
         _failed_with(server, run_id, cases[name][1])
         assert server.child_flow_runs(run_id) == [], name
     assert list(outside.iterdir()) == [], "a refused export wrote outside the root"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["link"], "a refused export left a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "permissive.yaml"], "a refused export left a folder"
 
 
 def test_convert_quantize_from_the_form_is_held_to_the_policy(prefect_server, tmp_path, outside):
