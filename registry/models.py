@@ -50,15 +50,15 @@ class ExportRequest(BaseModel):
     outtype: Literal["f16", "bf16", "f32"] = Field(
         "f16", description="Float type of the base conversion every quant type is made from."
     )
-    out_dir: str = Field("kiln-out", description="Folder the GGUF files and manifest.json are written to.")
+    out_dir: str = Field("kiln-out", description="Folder the GGUF files and manifest.json are written to. On a shared server it must lie under the operator's output roots (KILN_POLICY_FILE).")
     name: str | None = Field(
         None, description="File-name stem for outputs; defaults to the model's name.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
     )
     verify: bool = Field(True, description="Run every GGUF and compare the f16 file with the Hugging Face model.")
     accept_license: bool = Field(False, description="Accept the base's licence where it requires acceptance.")
     resolve_revision: bool = Field(False, description="Resolve a Hub branch or tag to its commit SHA once, and record it.")
-    allow_pickle: bool = Field(False, description="Allow pickled *.bin/*.pt weights (they can run code when loaded).")
-    trust_remote_code: bool = Field(False, description="Allow a model whose config asks for custom code (not registry keys: their spec decides).")
+    allow_pickle: bool = Field(False, description="Allow pickled *.bin/*.pt weights (they can run code when loaded). On a shared server, refused unless the operator's policy allows it.")
+    trust_remote_code: bool = Field(False, description="Allow a model whose config asks for custom code (not registry keys: their spec decides). On a shared server, refused unless the operator's policy allows it.")
     allow_requantize: bool = Field(
         False,
         description=(
