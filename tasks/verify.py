@@ -106,7 +106,10 @@ def run_gguf(path: Path, prompts: tuple[str, ...] = VERIFY_PROMPTS, budget: int 
         generations = []
         for prompt in prompts:
             text = render_prompt(meta, prompt, chat)
-            prompt_tokens = llm.tokenize(text.encode(), add_bos=bool(meta["add_bos"]), special=True)
+            # A template that writes the BOS itself (Llama 3, Gemma, Mistral) must not get a second one:
+            # transformers tokenizes the rendered chat without adding special tokens.
+            add_bos = bool(meta["add_bos"]) and not (meta["bos_token"] and text.startswith(str(meta["bos_token"])))
+            prompt_tokens = llm.tokenize(text.encode(), add_bos=add_bos, special=True)
             out = llm.create_completion(prompt_tokens, max_tokens=budget, temperature=0.0, top_k=1)
             choice = out["choices"][0]
             completion_tokens = llm.tokenize(choice["text"].encode(), add_bos=False, special=True)
