@@ -96,7 +96,7 @@ class StepTimes:
 def run_export(request: ExportRequest) -> Manifest:
     """Every step of an export, in order; runs inside the `export` flow."""
     from tasks.fetch import fetch_source, locate_metadata
-    from tasks.ollama_plan import write_modelfiles
+    from tasks.ollama_plan import embed_chat_template, write_modelfiles
     from tasks.preflight import (
         confirm_with_converter,
         conversion_can_start_early,
@@ -156,7 +156,13 @@ def run_export(request: ExportRequest) -> Manifest:
     with times("outputs"):
         stem = request.name or display_name(ref)
         placed = place_outputs.task(out_dir, stem, cached, request.quants)
-        outputs = [record_output(out_dir, name, quant, cached[quant]) for quant, name in placed.items()]
+        rewritten: list[str] = []
+        if source.kind == "gguf" and request.dialect and report.chat is not None and (
+                not report.chat.verified or report.chat.mismatches):
+            # The GGUF's own template is not the dialect's: it gets the dialect's Jinja (tasks/ollama_plan.py).
+            rewritten = embed_chat_template.task(out_dir, placed, report.chat.dialect)
+        outputs = [record_output(out_dir, name, quant, None if name in rewritten else cached[quant])
+                   for quant, name in placed.items()]
         lora_name = None
         if report.adapter is not None and request.adapter_mode == "adapter":
             lora_name, lora_gguf = ship_adapter_lora.task(out_dir, stem, Path(request.adapter), Path(source.path),
@@ -164,8 +170,9 @@ def run_export(request: ExportRequest) -> Manifest:
             outputs.append(record_output(out_dir, lora_name, "lora", lora_gguf))
         ollama = None
         if report.chat is not None:
-            ollama = write_modelfiles.task(out_dir, placed, report.chat.dialect, report.chat.verified,
-                                           report.chat.system, licence_line(ref), request.ollama_name, lora_name)
+            ollama = write_modelfiles.task(out_dir, placed, report.chat, licence_line(ref), request.ollama_name,
+                                           lora_name, template_source=Path(source.path) if source.kind != "gguf" else None,
+                                           prove=request.verify)
             outputs += [record_output(out_dir, m.modelfile, m.quant) for m in ollama.models]
         if quant_report is not None:
             write_report_files(quant_report, out_dir, choice)

@@ -275,8 +275,27 @@ class OllamaModel(BaseModel):
     registered: bool = False
 
 
+OllamaFormat = Literal["template", "renderer", "jinja"]
+
+
+class StopProof(BaseModel):
+    """Why a stop string is (or is not) in the Modelfile: where it came from, and the generation that proves it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stop: str
+    token_id: int | None = Field(None, description="its id when the stop is one token of the vocabulary")
+    sources: list[str] = Field(description="generation_config.json eos, tokenizer eos, template end of turn, ...")
+    in_modelfile: bool
+    proven: bool = Field(description="a greedy generation on the exported GGUF ended its reply on this stop")
+    prompt: str = ""
+    reply: str = Field("", description="what the model wrote before the stop (cut to 200 characters)")
+    reply_tokens: int = 0
+    detail: str = ""
+
+
 class OllamaPlan(BaseModel):
-    """The chat side of an export: which dialect, whether it was verified, the stops, the Modelfiles."""
+    """The chat side of an export: how Ollama formats chats, the stops and their proofs, the Modelfiles."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -286,6 +305,16 @@ class OllamaPlan(BaseModel):
     stops: list[str]
     warnings: list[str] = Field(default_factory=list)
     models: list[OllamaModel] = Field(default_factory=list)
+    format: OllamaFormat = Field(
+        "template", description="template: the dialect's Go TEMPLATE; renderer: Ollama's built-in RENDERER/PARSER; "
+                                "jinja: no TEMPLATE, Ollama renders the GGUF's own Jinja chat template")
+    renderer: str | None = None
+    parser: str | None = None
+    requires: str | None = Field(None, description="the REQUIRES line: the first Ollama version that formats it so")
+    format_detail: str = ""
+    chat_template_sha256: str | None = Field(
+        None, description="sha256 of the Jinja chat template every GGUF of the export carries")
+    stop_proofs: list[StopProof] = Field(default_factory=list)
 
 
 class Manifest(BaseModel):

@@ -457,19 +457,33 @@ def build_modelfile(
     adapter: str | Path | None = None,
     license: str | Sequence[str] | None = None,
     messages: Sequence[ModelfileMessage] = (),
+    chat_format: Literal["template", "renderer", "jinja"] = "template",
+    renderer: str | None = None,
+    parser: str | None = None,
+    requires: str | None = None,
 ) -> Modelfile:
     """A Modelfile for a Kiln export.
 
     With `dialect`, the TEMPLATE is the dialect's `.gotmpl` (unless `template`
     is given) and temperature/top_p default to the dialect's values. `stop`
-    should come from `compute_stops`. `parameters` adds any other api.Options
-    field (`num_predict`, `seed`, …).
+    should come from tasks/stops.py. `parameters` adds any other api.Options
+    field (`num_predict`, `seed`, …). `chat_format` other than "template"
+    (tasks/ollama_format.py) writes no TEMPLATE: "renderer" writes RENDERER and
+    PARSER, and both write REQUIRES.
     """
     row = templates.get_dialect(dialect) if dialect else None
-    if template is None and row is not None:
-        template = row.read_template()
-    if template is None:
-        raise ModelfileError("a Modelfile needs a TEMPLATE: give a dialect or a template")
+    if chat_format != "template":
+        if template is not None:
+            raise ModelfileError(f"a Modelfile for chat format {chat_format!r} has no TEMPLATE")
+        if chat_format == "renderer" and not (renderer and parser):
+            raise ModelfileError("chat format 'renderer' needs a RENDERER and a PARSER")
+        if not requires:
+            raise ModelfileError(f"chat format {chat_format!r} needs REQUIRES: the first Ollama version that has it")
+    else:
+        if template is None and row is not None:
+            template = row.read_template()
+        if template is None:
+            raise ModelfileError("a Modelfile needs a TEMPLATE: give a dialect or a template")
     params: dict[str, ParamValue] = {}
     chosen_temperature = temperature if temperature is not None else (row.default_temperature if row else None)
     chosen_top_p = top_p if top_p is not None else (row.default_top_p if row else None)
@@ -493,4 +507,7 @@ def build_modelfile(
         parameters=params,
         license=tuple(t for t in licenses if t),
         messages=tuple(messages),
+        renderer=renderer,
+        parser=parser,
+        requires=requires,
     )

@@ -87,7 +87,7 @@ class DialectChoice(BaseModel):
     verified: bool
     system: str | None
     detail: str
-    format: Literal["template", "jinja"] = Field(
+    format: Literal["template", "jinja", "renderer"] = Field(
         "template", description="template: a Go TEMPLATE (verified, or chosen with --dialect); jinja: no Go dialect "
                                 "is exact, so Ollama renders the GGUF's own Jinja chat template (no TEMPLATE)")
     date_policy: Literal["none", "fixed"] = Field(

@@ -9,8 +9,17 @@ Order of work, each step safe to repeat:
    server lacks it, check the digest the client computed while uploading, and
    ask HEAD again, so `create` never names a blob the server does not hold;
 4. `Client.create(…, files={name: digest}, stream=True)`, forwarding the
-   server's progress lines, requiring a final `success`;
-5. `POST /api/show` to confirm the model exists with our TEMPLATE.
+   server's progress lines, requiring a final `success`. A Modelfile with
+   RENDERER, PARSER or REQUIRES (tasks/ollama_format.py) needs fields that
+   ollama-python 0.6.3's `create()` cannot carry: the same request body the
+   client builds, plus `renderer`/`parser`/`requires`, goes through the
+   client's own request path (`_request`), so streaming, errors and retries
+   are unchanged. A server older than REQUIRES is refused before any upload:
+   Ollama's JSON decoding ignores fields it does not know, so an old server
+   would create the model without them and format its chats differently;
+5. `POST /api/show` to confirm the model exists with our TEMPLATE (or
+   RENDERER/PARSER/REQUIRES; the client's ShowResponse drops those, so the
+   raw answer is read).
 
 Connection failures, timeouts and 5xx answers are retried with bounded
 exponential backoff. A server that stays unreachable raises
@@ -30,6 +39,7 @@ from typing import Any, Final, Literal, TypeVar
 
 import httpx
 import ollama
+from ollama._types import CreateRequest  # create()'s own body; see _create
 from pydantic import BaseModel, ConfigDict
 
 from registry.models import OllamaPlan
@@ -252,6 +262,23 @@ def _check_version(session: _Session) -> str:
     return version
 
 
+def _check_requires(version: str, modelfile: Modelfile, host: str) -> None:
+    """Refuse a server older than the Modelfile's REQUIRES (development builds, 0.0.0, pass)."""
+    if not modelfile.requires:
+        return
+    parsed = _parse_version(version)
+    needed = _parse_version(modelfile.requires)
+    if parsed is None or parsed == (0, 0, 0) or needed is None or parsed >= needed:
+        return
+    how = (f"its built-in renderer {modelfile.renderer!r}" if modelfile.renderer
+           else "the GGUF's own Jinja chat template (no TEMPLATE)")
+    raise OllamaVersionUnsupported(
+        f"Ollama {version} at {host} is older than {modelfile.requires}, which this model REQUIRES: it formats "
+        f"chats with {how}, and an older server would ignore that and prompt the model differently. "
+        "Upgrade Ollama and run `kiln register DIR`"
+    )
+
+
 def _blob_present(session: _Session, digest: str) -> bool:
     response = session.call(f"checking blob {digest}", lambda: session.raw("HEAD", f"/api/blobs/{digest}"))
     if response.status_code == 200:
@@ -304,10 +331,19 @@ def _create(session: _Session, name: str, model_blob: BlobRecord, adapter_blob: 
     }
     if adapter_blob is not None:
         kwargs["adapters"] = {adapter_blob.file_name: adapter_blob.digest}
+    beyond_client = {k: getattr(modelfile, k) for k in ("renderer", "parser", "requires") if getattr(modelfile, k)}
+
+    def stream() -> Iterator[ollama.ProgressResponse]:
+        if not beyond_client:
+            return session.client.create(stream=True, **kwargs)
+        # ollama-python 0.6.3's create() has no renderer/parser/requires: the body it would
+        # send, plus those fields, on the same request path.
+        body = CreateRequest(stream=True, **kwargs).model_dump(exclude_none=True) | beyond_client
+        return session.client._request(ollama.ProgressResponse, "POST", "/api/create", json=body, stream=True)
 
     def attempt() -> tuple[str, ...]:
         statuses: list[str] = []
-        for update in session.client.create(stream=True, **kwargs):
+        for update in stream():
             status = update.status or ""
             statuses.append(status)
             session.report(RegistrationEvent(
@@ -319,6 +355,18 @@ def _create(session: _Session, name: str, model_blob: BlobRecord, adapter_blob: 
         return tuple(statuses)
 
     return session.call(f"creating {name}", attempt)
+
+
+def _show(session: _Session, name: str) -> dict[str, Any]:
+    """`POST /api/show` as a dict: the client's ShowResponse (0.6.3) drops renderer, parser and requires."""
+    response = session.http.post("/api/show", json={"model": name})
+    if response.status_code >= 400:
+        try:
+            error = response.json().get("error", response.text)
+        except ValueError:
+            error = response.text
+        raise ollama.ResponseError(error, response.status_code)
+    return response.json()
 
 
 def register_model(
@@ -350,13 +398,19 @@ def register_model(
     session = _Session(host or os.environ.get("OLLAMA_HOST"), progress, retry, timeout, sleep)
     try:
         version = _check_version(session)
+        _check_requires(version, modelfile, session.host)
         model_blob = _ensure_blob(session, gguf_path, "model")
         adapter_blob = _ensure_blob(session, Path(adapter_path), "adapter") if adapter_path is not None else None
         statuses = _create(session, name, model_blob, adapter_blob, modelfile)
 
-        shown = session.call(f"checking {name} after creating it", lambda: session.client.show(name))
-        if modelfile.template and (shown.template or "") != modelfile.template:
+        shown = session.call(f"checking {name} after creating it", lambda: _show(session, name))
+        if modelfile.template and (shown.get("template") or "") != modelfile.template:
             raise OllamaRejected(f"Ollama created {name} but reports a different TEMPLATE than the one sent")
+        for field_name, sent in (("renderer", modelfile.renderer), ("parser", modelfile.parser),
+                                 ("requires", modelfile.requires)):
+            if sent and shown.get(field_name) != sent:
+                raise OllamaRejected(f"Ollama created {name} but reports {field_name} {shown.get(field_name)!r}, "
+                                     f"not the {sent!r} sent")
         session.report(RegistrationEvent("show", f"{parsed.display_shortest()} is ready: ollama run {name}"))
     except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
         raise RegistrationError(f"the Ollama host {session.host!r} is not a usable URL ({exc}); check OLLAMA_HOST") from None

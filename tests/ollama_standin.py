@@ -13,7 +13,15 @@ status codes and `{"error": "..."}` bodies:
   name, a non-relative file name, an empty or malformed digest, a blob that
   was never uploaded, adapters (when `accept_adapters` is off); then NDJSON
   status lines ending with `success`, or an `{"error": ...}` line
-- POST /api/show, GET /api/tags, DELETE /api/delete
+- POST /api/show (with `renderer`, `parser`, `requires` when the model has them),
+  GET /api/tags, DELETE /api/delete
+
+Create fields as of Ollama v0.33 (`api/types.go` CreateRequest), including `renderer` and
+`parser` (since v0.12.0) and `requires` (since v0.14.0). Old-version mode: construct it with
+an older `version`, and the fields that version does not know are, as `unknown_fields` says,
+ignored (what a real Ollama does: Go's JSON decoding drops unknown fields, so the model is
+created without them) or refused with a 400 naming the field (`unknown_fields="reject"`), so a
+test can show that a client never sends them there. `ignored_fields` records what was dropped.
 
 Fault knobs (set them on the instance between requests):
 - `stop()`: the port refuses connections, open keep-alive connections are cut;
@@ -63,6 +71,14 @@ def _full_name(name: str) -> str | None:
     return f"{host}/{namespace}/{model}:{tag}".lower()
 
 
+# Create fields newer than the JSON create API, with the first release that reads them.
+CREATE_FIELDS_SINCE = {"renderer": "0.12.0", "parser": "0.12.0", "requires": "0.14.0"}
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("-")[0].split(".") if p.isdigit())
+
+
 def _valid_relative(path: str) -> bool:
     # Go's fs.ValidPath, plus Ollama's refusal of '\' and ':'.
     if path in ("", ".") or "\\" in path or ":" in path or path.startswith("/") or path.endswith("/"):
@@ -78,9 +94,12 @@ class _Server(ThreadingHTTPServer):
 class OllamaStandIn:
     """A stand-in for an Ollama server (see the module docstring). Not Ollama."""
 
-    def __init__(self, version: str = "0.33.0", *, accept_adapters: bool = True) -> None:
+    def __init__(self, version: str = "0.33.0", *, accept_adapters: bool = True,
+                 unknown_fields: str = "ignore") -> None:
         self.version = version
         self.accept_adapters = accept_adapters
+        self.unknown_fields = unknown_fields
+        self.ignored_fields: list[str] = []
         self.blobs: dict[str, bytes] = {}
         self.models: dict[str, dict[str, Any]] = {}
         self.log: list[tuple[str, str, int]] = []
@@ -356,6 +375,15 @@ class _Handler(BaseHTTPRequestHandler):
         if not files and not req.get("from"):
             self._error(400, "neither 'from' or 'files' was specified")
             return
+        server = _version_tuple(self.owner.version)
+        unknown = [f for f, since in CREATE_FIELDS_SINCE.items()  # 0.0.0: a development build knows them all
+                   if f in req and server != (0, 0, 0) and server < _version_tuple(since)]
+        if unknown and self.owner.unknown_fields == "reject":
+            self._error(400, f"json: unknown field {unknown[0]!r}")
+            return
+        for field in unknown:
+            req.pop(field)
+            self.owner.ignored_fields.append(field)
 
         # Streaming starts here: errors now arrive as an error line in a 200.
         self.send_response(200)
@@ -434,6 +462,7 @@ class _Handler(BaseHTTPRequestHandler):
             "parameters": "\n".join(parameter_lines),
             "template": req.get("template") or "",
             "system": req.get("system") or "",
+            **{k: req[k] for k in CREATE_FIELDS_SINCE if req.get(k)},
             "details": {"format": "gguf", "family": "llama", "families": ["llama"],
                         "parameter_size": "", "quantization_level": ""},
             "model_info": {},

@@ -1,10 +1,13 @@
-"""The demo export made into Ollama models, against the Ollama stand-in (tests/ollama_standin.py)."""
+"""The demo export made into Ollama models, against the Ollama stand-in (tests/ollama_standin.py);
+the chat format each export chooses, the template its GGUFs carry, and its stops' proofs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
+from tasks.gguf_file import read_chat_template
 from tasks.modelfile import parse_modelfile
 from tests.kiln_cli import run_kiln
 from tests.ollama_standin import closed_port
@@ -51,3 +54,83 @@ def test_export_without_a_reachable_server_finishes_and_says_how_to_register(dem
     assert later.returncode == 0, later.stderr
     assert ollama_standin.model("later-model:q8_0") is not None
     assert ollama_standin.model("later-model:f16") is not None
+
+
+def _template_check(source) -> dict:
+    proc = run_kiln("template", "check", str(source), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_demo_export_carries_its_template_and_agrees_on_the_chat_format(demo_export, demo_model_dir):
+    out, manifest = demo_export
+    plan = manifest["ollama"]
+    # SmolLM2's own template: the chatml Go TEMPLATE is exact, so Ollama's Go path is used.
+    assert plan["format"] == "template" == _template_check(demo_model_dir)["ollama_format"]
+    own = (demo_model_dir / "chat_template.jinja").read_text() if (demo_model_dir / "chat_template.jinja").is_file() \
+        else json.loads((demo_model_dir / "tokenizer_config.json").read_text())["chat_template"]
+    for model in plan["models"]:
+        gguf = out / model["gguf"]
+        assert read_chat_template(gguf) == own
+        assert hashlib.sha256(own.encode()).hexdigest() == plan["chat_template_sha256"]
+        modelfile = parse_modelfile((out / model["modelfile"]).read_text())
+        assert modelfile.template and not (modelfile.renderer or modelfile.requires)
+        assert "# ollama format: template" in (out / model["modelfile"]).read_text()
+        # Every stop in the Modelfile has a recorded generation proof; none is a token used inside a turn.
+        proofs = {p["stop"]: p for p in plan["stop_proofs"]}
+        assert modelfile.stop and list(modelfile.stop) == plan["stops"]
+        for stop in modelfile.stop:
+            assert proofs[stop]["proven"] and proofs[stop]["in_modelfile"] and proofs[stop]["reply"].strip()
+    assert plan["stops"] == ["<|im_end|>"]
+
+
+def test_a_template_no_dialect_renders_is_exported_for_ollamas_jinja_path(demo_model_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(demo_model_dir, model)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    # ChatML with a blank line after each system turn: no Go dialect writes that.
+    odd = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+           "{% if m['role'] == 'system' %}\n{% endif %}{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (model / "chat_template.jinja").write_text(odd)
+    out = tmp_path / "out"
+    proc = run_kiln("export", str(model), "--quant", "q8_0", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    plan = json.loads(proc.stdout)["ollama"]
+    assert plan["format"] == "jinja" == _template_check(model)["ollama_format"]
+    assert plan["requires"] == "0.30.0"
+    for entry in plan["models"]:
+        assert read_chat_template(out / entry["gguf"]) == odd
+        text = (out / entry["modelfile"]).read_text()
+        modelfile = parse_modelfile(text)
+        assert modelfile.template is None and modelfile.system is None and modelfile.requires == "0.30.0"
+        assert "# ollama format: jinja" in text
+        assert all(p["proven"] for p in plan["stop_proofs"] if p["stop"] in modelfile.stop)
+
+
+def test_a_prebuilt_gguf_exported_with_a_dialect_carries_that_dialects_jinja(tmp_path):
+    from tasks.demo import packaged_gguf
+    from tasks.gguf_file import copy_with_string_metadata
+    from tasks.ollama_plan import dialect_jinja
+
+    source = tmp_path / "odd.gguf"
+    odd = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+           "{% if m['role'] == 'system' %}\n{% endif %}{% endfor %}"
+           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    copy_with_string_metadata(packaged_gguf(), source, {"tokenizer.chat_template": odd})
+    out = tmp_path / "out"
+    proc = run_kiln("export", str(source), "--quant", "q4_1", "--dialect", "chatml", "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads(proc.stdout)
+    plan = manifest["ollama"]
+    assert plan["format"] == "template"
+    jinja = dialect_jinja("chatml")
+    for entry in plan["models"]:
+        gguf = out / entry["gguf"]
+        assert read_chat_template(gguf) == jinja
+        recorded = next(o for o in manifest["outputs"] if o["path"] == entry["gguf"])
+        assert recorded["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    assert read_chat_template(source) == odd  # the source (and Kiln's cache) untouched
+    assert _template_check(out / plan["models"][0]["gguf"])["dialect"] == "chatml"

@@ -4,6 +4,7 @@ including faults: the server must end up with a complete model or none."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -315,3 +316,70 @@ def test_standin_blob_and_create_refusals(ollama_standin: OllamaStandIn) -> None
     assert info.value.status_code == 404
     assert client.delete("ok").status == "success"
     assert http.request("DELETE", "/api/delete", content=json.dumps({"model": "ok"})).status_code == 404
+
+
+@pytest.fixture
+def jinja_modelfile() -> Modelfile:
+    """chat format jinja: no TEMPLATE, REQUIRES the llama-server engine's first release."""
+    return build_modelfile(from_="./model.gguf", dialect="chatml", stop=("<|im_end|>",), chat_format="jinja",
+                           requires="0.30.0")
+
+
+@pytest.fixture
+def renderer_modelfile() -> Modelfile:
+    return build_modelfile(from_="./model.gguf", dialect="gemma2", stop=("<turn|>",), chat_format="renderer",
+                           renderer="gemma4", parser="gemma4", requires="0.20.0")
+
+
+def test_renderer_parser_and_requires_travel_on_the_create_request(
+    ollama_standin: OllamaStandIn, make_gguf: Callable[..., Path], renderer_modelfile: Modelfile  # noqa: F811
+) -> None:
+    # ollama-python 0.6.3's create() cannot carry these: they go on the same REST call it makes.
+    assert "renderer" not in ollama.Client.create.__code__.co_varnames
+    register(ollama_standin, make_gguf(), renderer_modelfile)
+    request = ollama_standin.model(NAME)["request"]
+    assert (request["renderer"], request["parser"], request["requires"]) == ("gemma4", "gemma4", "0.20.0")
+    assert "template" not in request and request["stream"] is True
+    assert request["parameters"]["stop"] == ["<turn|>"]
+    shown = httpx.post(f"{ollama_standin.url}/api/show", json={"model": NAME}).json()
+    assert (shown["renderer"], shown["parser"], shown["requires"]) == ("gemma4", "gemma4", "0.20.0")
+
+
+def test_a_modelfile_without_the_new_fields_still_goes_through_the_client(
+    ollama_standin: OllamaStandIn, make_gguf: Callable[..., Path], modelfile: Modelfile  # noqa: F811
+) -> None:
+    register(ollama_standin, make_gguf(), modelfile)
+    request = ollama_standin.model(NAME)["request"]
+    assert not {"renderer", "parser", "requires"} & set(request)
+
+
+@pytest.mark.parametrize("unknown_fields", ["ignore", "reject"])
+@pytest.mark.parametrize(("version", "ok"), [("0.29.9", False), ("0.11.4", False), ("0.30.0", True), ("0.0.0", True)])
+def test_a_server_older_than_requires_is_refused_before_any_upload(
+    version: str, ok: bool, unknown_fields: str, make_gguf: Callable[..., Path],  # noqa: F811
+    jinja_modelfile: Modelfile,
+) -> None:
+    with OllamaStandIn(version=version, unknown_fields=unknown_fields) as server:
+        if ok:
+            register(server, make_gguf(), jinja_modelfile)
+            assert server.ignored_fields == []
+            return
+        with pytest.raises(OllamaVersionUnsupported, match=r"older than 0\.30\.0.*Jinja chat template"):
+            register(server, make_gguf(), jinja_modelfile)
+        assert server.requests("HEAD") == [] and server.models == {}
+
+
+def test_the_standin_in_old_version_mode_drops_or_refuses_fields_it_does_not_know(
+    make_gguf: Callable[..., Path],  # noqa: F811
+) -> None:
+    gguf = make_gguf()
+    digest = "sha256:" + hashlib.sha256(gguf.read_bytes()).hexdigest()
+    body = {"model": "m", "files": {"m.gguf": digest}, "renderer": "gemma4", "requires": "0.20.0", "stream": False}
+    with OllamaStandIn(version="0.11.4") as old:
+        httpx.post(f"{old.url}/api/blobs/{digest}", content=gguf.read_bytes())
+        assert httpx.post(f"{old.url}/api/create", json=body).status_code == 200
+        assert old.ignored_fields == ["renderer", "requires"] and "renderer" not in old.model("m")["request"]
+    with OllamaStandIn(version="0.12.0", unknown_fields="reject") as strict:
+        httpx.post(f"{strict.url}/api/blobs/{digest}", content=gguf.read_bytes())
+        refused = httpx.post(f"{strict.url}/api/create", json=body)
+        assert refused.status_code == 400 and "requires" in refused.json()["error"]

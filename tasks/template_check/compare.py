@@ -121,10 +121,11 @@ class TemplateCheck(BaseModel):
         "closest dialect differs on a few cases (`mismatches`); no-match: nothing close; unchecked: the source has "
         "no chat template and the dialect was given",
     )
-    ollama_format: Literal["template", "jinja"] = Field(
+    ollama_format: Literal["template", "jinja", "renderer"] = Field(
         default="template",
         description="how Ollama will format chats: template (the dialect's Go TEMPLATE) or jinja (no TEMPLATE: "
-        "Ollama renders the GGUF's own Jinja chat template; the Modelfile then REQUIRES a recent Ollama)",
+        "Ollama renders the GGUF's own Jinja chat template; the Modelfile then REQUIRES a recent Ollama); renderer: "
+        "Ollama's built-in renderer for the architecture (tasks/ollama_format.py)",
     )
     mismatches: tuple[str, ...] = Field(
         default=(), description="matrix cases the chosen (or closest) dialect renders differently; empty when exact"

@@ -207,6 +207,12 @@ def check_template(
             "TEMPLATE does not write it, so prompts will start without BOS"
         )
         check = check.model_copy(update={"warnings": check.warnings + (warning,)})
+    from tasks.ollama_format import architecture_of_source, builtin_renderer
+
+    builtin = builtin_renderer(architecture_of_source(Path(source)))
+    if builtin is not None:
+        # `ollama create` gives this architecture a built-in renderer, which overrides any TEMPLATE (--dialect too).
+        check = check.model_copy(update={"ollama_format": "renderer"})
     return check
 
 
@@ -233,7 +239,10 @@ def outcome_lines(check: TemplateCheck) -> list[str]:
         lines.append(f"skipped (the model's template refuses them): {', '.join(check.cases_skipped)}")
     if check.date_note:
         lines.append(f"date: {check.date_note}")
-    if check.ollama_format == "jinja":
+    if check.ollama_format == "renderer":
+        lines.append("Ollama format: renderer. kiln export writes Ollama's built-in RENDERER and PARSER for this "
+                     "architecture (Ollama assigns them itself and they override any TEMPLATE), with REQUIRES.")
+    elif check.ollama_format == "jinja":
         lines.append(f"Ollama format: jinja. kiln export writes no TEMPLATE: {JINJA_FALLBACK}.")
         if check.outcome == "near":
             lines.append(f"To use the {check.dialect} Go template anyway (it prompts differently on the cases "
