@@ -233,14 +233,21 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def run_size(size: str, quants: list[str], only: str | None, keep: Path | None) -> None:
+def run_size(size: str, quants: list[str], only: str | None, keep: Path | None, model: Path | None = None) -> None:
     from tasks.toolchain import current_toolchain
 
     converter = Path(current_toolchain().converter_dir)
     with tempfile.TemporaryDirectory(prefix=f"kiln-scale-{size}-", dir=keep) as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        params = make_model(work / "model", size)
+        if model is None:
+            model = work / "model"
+            params = make_model(model, size)
+        else:  # made earlier with --make
+            from tasks.preflight import local_weight_params
+
+            params = local_weight_params(model)
+        (work / "model").exists() or (work / "model").symlink_to(model.resolve())
         print(f"[{size}] synthetic Llama: {params / 1e9:.2f}B parameters, made in {time.perf_counter() - t0:.0f} s",
               flush=True)
         base_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "LLAMA_CPP_DIR": str(converter)}
@@ -284,12 +291,13 @@ def main() -> None:
     parser.add_argument("--only", choices=["bare", "kiln-off", "kiln-checks"], help="run one row only")
     parser.add_argument("--keep", type=Path, help="folder for the work files (default: the system's temp)")
     parser.add_argument("--make", type=Path, help="only write the synthetic model into this folder")
+    parser.add_argument("--model", type=Path, help="a synthetic model made earlier with --make (one --size)")
     args = parser.parse_args()
     if args.make:
         print(f"{make_model(args.make, (args.size or ['1b'])[0]) / 1e9:.2f}B parameters in {args.make}")
         return
     for size in args.size or ["1b"]:
-        run_size(size, args.quant.split(","), args.only, args.keep)
+        run_size(size, args.quant.split(","), args.only, args.keep, args.model)
 
 
 if __name__ == "__main__":
