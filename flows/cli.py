@@ -135,8 +135,10 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
         from flows.export import export
         from flows.heartbeats import without_heartbeats
 
+        from flows.local_server import prefect_api
+
         quiet_kiln_tracebacks()
-        with without_heartbeats():
+        with prefect_api(), without_heartbeats():
             manifest = export(request, force=force)
         status = f"exported to {request.out_dir}"
     if as_json:
@@ -168,7 +170,7 @@ def _set_memory_budget(_ctx: click.Context, _param: click.Parameter, value: str 
 
 memory_budget_option = click.option(
     "--memory-budget", expose_value=False, callback=_set_memory_budget,
-    help="Memory every step together may use, e.g. 12GB (default: KILN_MEMORY_BUDGET, else 80 % of the available memory).")
+    help="Memory every step together may use, e.g. 12GB (default: KILN_MEMORY_BUDGET, else the available memory less a reserve).")
 
 
 def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -265,8 +267,9 @@ def batch_command(catalogue: Path, out_root: str | None, check: bool, force: boo
         return
     from flows.batch import batch_export
     from flows.heartbeats import without_heartbeats
+    from flows.local_server import prefect_api
 
-    with without_heartbeats():
+    with prefect_api(), without_heartbeats():
         batch_export(str(catalogue), out_root, force)
 
 
