@@ -11,8 +11,8 @@ flows/convert_quantize.py), so the export's peak is its largest step, not their 
   and runs after the GGUF is closed, so the larger of the two counts;
 - report: llama.cpp runs the float GGUF with the logits of half a text chunk, three copies.
 
-The merge of a LoRA adapter holds a block of rows and one tensor pair (tasks/adapter), far
-below the float GGUF that verify maps, so it is not a step of its own here.
+- merge (with a LoRA adapter): the streamed merge holds a block of rows and one tensor pair
+  (tasks/adapter/stream_merge.py); `--adapter-mode peft` loads the whole model in transformers.
 """
 
 from __future__ import annotations
@@ -65,8 +65,11 @@ def quant_job_memory(base: Path, config: dict[str, Any]) -> int:
 
 
 def estimate_memory(params: int, outtype: str, config: dict, *, verify: bool, report: bool,
-                    converts: bool = True, quantizes: bool = True) -> MemoryEstimate:
-    """Peak memory of each step of an export of a model of `params` parameters (config.json's shape)."""
+                    converts: bool = True, quantizes: bool = True, adapter_mode: str | None = None) -> MemoryEstimate:
+    """Peak memory of each step of an export of a model of `params` parameters (config.json's shape).
+
+    `adapter_mode`: how a LoRA adapter is applied, if one is (merge, adapter, peft).
+    """
     hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
     vocab = int(config.get("vocab_size") or 0)
     layers = int(config.get("num_hidden_layers") or 0)
@@ -79,6 +82,14 @@ def estimate_memory(params: int, outtype: str, config: dict, *, verify: bool, re
         steps["convert"] = int(params * _CONVERT_BYTES_PER_PARAM) + _PROCESS_BASELINE
     if quantizes:
         steps["quantize"] = quant_job_memory(Path("-"), config) + _PROCESS_BASELINE
+    if adapter_mode == "merge":
+        # Streamed a block of 1024 rows at a time (tasks/adapter/stream_merge.py): the block and its
+        # delta in float32, plus the LoRA pair; a few copies of the widest row.
+        widest = max(vocab, hidden, int(config.get("intermediate_size") or 0))
+        steps["merge"] = 4 * 4 * 1024 * widest + _PROCESS_BASELINE
+    elif adapter_mode == "peft":
+        # The transformers + peft reference merge loads the whole model in its own dtype.
+        steps["merge"] = params * 2 + _PROCESS_BASELINE
     if verify:
         from tasks.verify import N_CTX, TOKEN_BUDGET, VERIFY_PROMPTS
 

@@ -359,7 +359,8 @@ def run_preflight(
         params = (planned_weight_bytes(ref, metadata_folder) or 0) // 2
     need = estimate_bytes(params, request, base_cached)
     check_disk([Path(request.out_dir), cache_dir()], need)
-    memory = estimate_memory(params, request.outtype, config, verify=request.verify, report=request.report)
+    memory = estimate_memory(params, request.outtype, config, verify=request.verify, report=request.report,
+                             adapter_mode=request.adapter_mode if request.adapter else None)
     budget = settings.memory_budget_bytes()
     check_memory(memory, budget)
     checks = [
