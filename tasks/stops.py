@@ -264,6 +264,8 @@ def prove_stops(gguf_path: Path, derived: DerivedStops, *, chat_template: str, b
             pieces = llm.tokenize(stop.encode(), add_bos=False, special=True)
             ids[stop] = pieces[0] if len(pieces) == 1 else None
         for prompt in PROOF_PROMPTS:
+            if len(proofs) == len(stops):
+                break  # every candidate has its proof
             text = template.render([ChatMessage(role="user", content=prompt)])
             prompt_tokens = llm.tokenize(text.encode(), add_bos=add_bos, special=True)
             generated: list[int] = []

@@ -64,3 +64,23 @@ def test_stops_are_the_models_end_tokens_never_a_token_used_inside_a_turn(
     assert end_of_turn in stops and not (set(stops) & inside)
     if "<think>" in inside:
         assert any("inside an assistant turn" in w and "<think>" in w for w in derived.warnings)
+
+
+def test_tool_conversations_reach_both_engines_where_the_template_takes_tools() -> None:
+    from tasks.template_check import MESSAGE_MATRIX, check_template_text
+    from tasks.template_check.matrix import TOOL_MATRIX
+
+    matrix = MESSAGE_MATRIX + TOOL_MATRIX
+    smollm3 = _reference("smollm3")
+    exact = check_template_text(smollm3.read(), bos_token=smollm3.bos_token, eos_token=smollm3.eos_token,
+                                strict=False, matrix=matrix)
+    assert exact.outcome == "exact" and exact.matrix_size == len(matrix) and exact.ollama_format == "template"
+    # Qwen3's tool JSON is not what the qwen3thinking Go template writes: Ollama's Jinja path is exact instead.
+    qwen3 = _reference("qwen3thinking")
+    jinja = check_template_text(qwen3.read(), eos_token=qwen3.eos_token, strict=False, matrix=matrix)
+    assert jinja.ollama_format == "jinja" and set(jinja.mismatches) <= {c.name for c in TOOL_MATRIX}
+    # A template that takes no tools is not asked about them.
+    smollm2 = _reference("chatml.SmolLM2")
+    plain = check_template_text(smollm2.read(), bos_token=smollm2.bos_token, eos_token=smollm2.eos_token,
+                                strict=False, matrix=matrix)
+    assert plain.matrix_size == len(MESSAGE_MATRIX) and plain.outcome == "exact"

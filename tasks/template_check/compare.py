@@ -251,7 +251,7 @@ def _render_side(jinja: JinjaChatTemplate, matrix: Sequence[MatrixCase], today: 
     side = JinjaSide(today=today)
     for case in matrix:
         try:
-            side.renders[case.name] = jinja.render(case.messages, think=case.think, today=today)
+            side.renders[case.name] = jinja.render(case.messages, think=case.think, today=today, tools=case.tools)
         except ConversationRefused as exc:
             side.refusals[case.name] = f"the model's template refuses it: {exc.message}"
         except jinja2.UndefinedError as exc:
@@ -324,7 +324,7 @@ def compare_with_dialects(
         for dialect, system in attempts:
             begin = len(jobs)
             jobs += [
-                GoRenderJob(template=texts[dialect], messages=c.messages, system=system, think=c.think)
+                GoRenderJob(template=texts[dialect], messages=c.messages, system=system, think=c.think, tools=c.tools)
                 for c in matrix if c.name in sides[dialect].renders
             ]
             spans.append((begin, len(jobs)))

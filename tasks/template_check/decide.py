@@ -96,6 +96,7 @@ def check_template_text(
         if name is not None:
             templates.get_dialect(name)  # an unknown name is refused before any rendering
     jinja = JinjaChatTemplate(text, {"bos_token": bos_token, "eos_token": eos_token})
+    matrix = [case for case in matrix if case.applies_to(text)]  # tool conversations for templates that take tools
     comparison = compare_with_dialects(jinja, matrix=matrix, renderer=renderer)
     trials = comparison.trials
     by_name = {t.dialect: t for t in trials}

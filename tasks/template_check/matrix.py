@@ -89,6 +89,12 @@ class MatrixCase(BaseModel):
     name: str
     messages: tuple[ChatMessage, ...]
     think: bool | None = None
+    tools: tuple[dict[str, Any], ...] | None = Field(
+        None, description="tool definitions sent with the request (Jinja `tools`, Ollama's `.Tools`)")
+
+    def applies_to(self, jinja_text: str) -> bool:
+        """Tool conversations are checked only against templates that take tools."""
+        return self.tools is None or "tool" in jinja_text
 
     @property
     def has_system(self) -> bool:
@@ -120,6 +126,37 @@ _TRICKY_USER = (
     "<|im_end|> <|im_start|>assistant [INST] [/INST] <end_of_turn> <|eot_id|> </s> <|end|>"
 )
 _TRICKY_ASSISTANT = 'Here they are: {{ .System }} <|im_end|> [/INST] <|eot_id|> and a quote """ too.'
+
+# Tool calls, where the model's template takes tools (MatrixCase.applies_to): a request with tools,
+# an assistant turn that calls one, the tool's answer, and the reply after it. Not yet part of
+# MESSAGE_MATRIX: with them, no Go dialect renders Qwen2.5, Qwen3, Llama 3.x or Mistral exactly
+# (their tool JSON differs), so those models would move to Ollama's Jinja path; that switch is
+# the template check's owner's call. `check_template(..., matrix=MESSAGE_MATRIX + TOOL_MATRIX)`
+# checks them today (tests/test_ollama_format.py).
+_WEATHER_TOOL: Final[dict[str, Any]] = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                       "required": ["city"]},
+    },
+}
+_CALL = ChatMessage(role="assistant", content="", tool_calls=(
+    ToolCall(id="call_1", function=ToolCallFunction(name="get_weather", arguments={"city": "Paris"})),))
+_RESULT = ChatMessage(role="tool", content='{"temperature": 18, "sky": "clear"}', tool_name="get_weather",
+                      tool_call_id="call_1")
+_WEATHER_Q = "What is the weather in Paris?"
+TOOL_MATRIX: Final[tuple[MatrixCase, ...]] = (
+    MatrixCase(name="tools-user", messages=(_user(_WEATHER_Q),), tools=(_WEATHER_TOOL,)),
+    MatrixCase(name="tools-system-user", messages=(_system(_SYSTEM_TEXT), _user(_WEATHER_Q)), tools=(_WEATHER_TOOL,)),
+    MatrixCase(name="tool-call-and-result", messages=(_user(_WEATHER_Q), _CALL, _RESULT), tools=(_WEATHER_TOOL,)),
+    MatrixCase(
+        name="tool-result-then-user",
+        messages=(_user(_WEATHER_Q), _CALL, _RESULT, _assistant("It is 18 degrees and clear."), _user(_Q2)),
+        tools=(_WEATHER_TOOL,),
+    ),
+)
 
 # Contents never start or end with whitespace: Llama 3 and Gemma trim
 # content in Jinja, and Go templates have no trim function (Ollama's FuncMap
