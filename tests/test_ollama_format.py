@@ -84,3 +84,21 @@ def test_tool_conversations_reach_both_engines_where_the_template_takes_tools() 
     plain = check_template_text(smollm2.read(), bos_token=smollm2.bos_token, eos_token=smollm2.eos_token,
                                 strict=False, matrix=matrix)
     assert plain.matrix_size == len(MESSAGE_MATRIX) and plain.outcome == "exact"
+
+
+def test_template_check_reports_the_renderer_ollama_assigns_to_the_architecture(tmp_path) -> None:
+    import json
+
+    import gguf
+
+    from tests.kiln_cli import run_kiln
+
+    path = tmp_path / "gemma4-like.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma4")
+    writer.add_chat_template(_reference("chatml.Qwen2.5").read())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    proc = run_kiln("template", "check", str(path), "--json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["ollama_format"] == "renderer"
