@@ -181,6 +181,8 @@ def check_source(source: str, policy: DeploymentPolicy) -> None:
             raise PolicyRefused(f"registry key {source!r} runs the model's own code (its spec trusts remote code), "
                                 "which this server's policy does not allow (`allow_trust_remote_code`)")
         return
+    if not Path(source).expanduser().exists() and "/" not in source and not source.startswith((".", "~")):
+        return  # neither a folder nor a key: the export itself refuses it as an unknown registry key
     confine(source, policy.sources(), "source", "source_roots")
 
 

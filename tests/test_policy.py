@@ -106,6 +106,8 @@ def test_request_rules_switches_sources_adapters_keys_and_orgs(tmp_path, outside
     for expected, request in refused.items():
         with pytest.raises(PolicyRefused, match=expected):
             check_request(request, policy)
+    # A typo in a registry key is left for the export's own "unknown registry key" message.
+    check_request(ExportRequest(source="llama-3.2-1b-instruc", out_dir=out), policy)
     permissive = policy.model_copy(update={"allow_pickle": True, "allow_trust_remote_code": True})
     check_request(ExportRequest(source="demo", out_dir=out, allow_pickle=True, trust_remote_code=True), permissive)
     assert not (tmp_path / "out").exists()
