@@ -409,8 +409,13 @@ def registry_list() -> None:
     id_width = max(len(s.hf_id) for s in specs)
     for spec in specs:
         gated = "  requires licence acceptance" if spec.requires_acceptance else ""
+        standin = "stand-in verified" if spec.verified_by_standin else "unverified"
         click.echo(f"{spec.key:<{width}}  {spec.hf_id:<{id_width}}  {spec.template:<13}  "
-                   f"{spec.params / 1e9:5.2f}B  {spec.license_spdx}{gated}")
+                   f"{spec.params / 1e9:5.2f}B  {standin:<17}  {spec.license_spdx}{gated}")
+    unverified = [s.key for s in specs if not s.verified_by_standin]
+    if unverified:
+        console.print(f"unverified: no faithful stand-in exports end to end in the tests; "
+                      f"`kiln registry show KEY` says why ({', '.join(unverified)})", highlight=False, markup=False)
 
 
 @registry_group.command("show")
