@@ -74,7 +74,7 @@ def test_cli_refusal(row, tmp_path):
     assert "Starting temporary server" not in proc.stderr  # refused before Prefect started
     refusals = [line for line in proc.stderr.splitlines() if line.lower().startswith("error")]
     assert len(refusals) == 1, proc.stderr  # one message
-    assert not out.exists() or not any(out.iterdir())  # nothing written, under a final name or any other
+    assert not out.exists()  # nothing written, not even an empty output folder
     assert list(empty.iterdir()) == []
 
 
@@ -322,6 +322,73 @@ def test_register_refusal_B22_modelfile_missing(tmp_path):
     proc = run_kiln("register", str(folder), env={"OLLAMA_HOST": "http://127.0.0.1:9"}, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "m-q8_0.Modelfile" in proc.stderr
+
+
+# ------------------------------------------------------------------ files that are not whole; prebuilt GGUFs (issue 13)
+
+
+def _refused_before_prefect(proc, out: Path, *words: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    for word in words:
+        assert word in proc.stderr, (word, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr and "Starting temporary server" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.lower().startswith("error")]) == 1, proc.stderr
+    assert not out.exists()  # not even an empty output folder
+
+
+def test_cli_refusal_F01_truncated_gguf(demo_f16_gguf, tmp_path):
+    """Was: libllama's "data is not within the file bounds", 15 s into quantization."""
+    cut = tmp_path / "cut.gguf"
+    with open(demo_f16_gguf, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(100_000_000))
+    out = tmp_path / "out"
+    proc = run_kiln("export", str(cut), "--out", str(out), timeout=120)
+    _refused_before_prefect(proc, out, "cut.gguf: truncated: its tensor table describes",
+                            "but the file has 100000000", "download or convert it again")
+
+
+def test_cli_refusal_F02_truncated_safetensors(demo_model_dir, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for path in demo_model_dir.iterdir():
+        if path.is_file() and path.name != "model.safetensors":
+            (folder / path.name).hardlink_to(path)
+    with open(demo_model_dir / "model.safetensors", "rb") as src, open(folder / "model.safetensors", "wb") as dst:
+        dst.write(src.read(100_000_000))
+    out = tmp_path / "out"
+    proc = run_kiln("export", str(folder), "--out", str(out), timeout=120)
+    _refused_before_prefect(proc, out, "model.safetensors: truncated: its header describes",
+                            "but the file has 100000000", "download again")
+
+
+def _q4_k_m_gguf(demo_export) -> Path:
+    return demo_export[0] / "smollm2-135m-instruct-q4_k_m.gguf"
+
+
+def test_cli_refusal_F03_only_types_with_more_bits_than_the_gguf(demo_export, tmp_path):
+    out = tmp_path / "out"
+    proc = run_kiln("export", str(_q4_k_m_gguf(demo_export)), "--quant", "q8_0", "--out", str(out), timeout=120)
+    _refused_before_prefect(proc, out, "is already q4_k_m, so none of the requested types is made",
+                            "q8_0 would have more bits than the source", "Pass --quant q4_k_m")
+
+
+def test_cli_refusal_F04_quant_auto_on_a_quantized_gguf(demo_export, tmp_path):
+    out = tmp_path / "out"
+    proc = run_kiln("export", str(_q4_k_m_gguf(demo_export)), "--quant", "auto", "--max-size", "500MB",
+                    "--out", str(out), timeout=120)
+    _refused_before_prefect(proc, out, "is already q4_k_m: --quant auto measures its candidates against a float GGUF")
+
+
+def test_flow_refusal_F05_leaves_no_output_folder(prefect_server, tmp_path):
+    """A refusal inside the `export` flow (a deployment run: no CLI preflight before it) leaves no folder:
+    the export lock lives in the cache, and the folder is made when the first output is placed."""
+    out = tmp_path / "out"
+    run_id = prefect_server.run_deployment("export/export", {"request": {
+        "source": "demo", "quants": ["q9_z"], "out_dir": str(out), "placement": "local"}})
+    run = prefect_server.wait(run_id, timeout=300)
+    assert run["state"]["type"] == "FAILED", prefect_server.logs(run_id) + prefect_server.diagnostics()
+    assert "unknown quant type(s) q9_z" in prefect_server.logs(run_id)
+    assert not out.exists()
 
 
 # ------------------------------------------------------------------ the table

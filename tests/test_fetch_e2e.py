@@ -83,3 +83,19 @@ def test_export_from_the_loopback_hub_then_offline(demo_hub_repo, demo_model_dir
     second = check_export(tmp_path / "out-offline", repo_id, sha, demo_model_dir)
     assert second["source"]["files"] == first["source"]["files"]
     assert faults.requests == []  # offline: not one request reached the Hub
+
+
+def test_export_pins_a_branch_once_with_resolve_revision(demo_hub_repo, demo_model_dir, tmp_path: Path):
+    """`--resolve-revision` (README): `@main` is refused without it; with it, resolved to its commit once,
+    and the manifest records both the commit and the branch it came from."""
+    endpoint, repo_id, sha = demo_hub_repo
+    env = hub_env_for(tmp_path, endpoint, offline=False)
+    unpinned = subprocess.run([*kiln_command(), "export", f"hf:{repo_id}@main", "--out", str(tmp_path / "no")],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert unpinned.returncode == 2 and "--resolve-revision" in unpinned.stderr, unpinned.stderr[-3000:]
+    out = tmp_path / "out"
+    run_kiln(["export", f"hf:{repo_id}@main", "--resolve-revision", "--quant", "q8_0", "--out", str(out),
+              "--no-verify", "--no-report"], env)
+    manifest = check_export(out, repo_id, sha, demo_model_dir)
+    assert manifest["source"]["requested_revision"] == "main"
+    assert not (tmp_path / "no").exists()

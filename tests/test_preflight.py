@@ -154,7 +154,7 @@ def test_cli_refusals_are_one_line_and_exit_non_zero(args, message, tmp_path):
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "Starting temporary server" not in proc.stderr  # refused before Prefect started
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists()  # not even an empty output folder
 
 
 def test_cli_refuses_an_output_path_that_is_a_file(tmp_path):
@@ -167,3 +167,97 @@ def test_cli_refuses_an_output_path_that_is_a_file(tmp_path):
 def test_unknown_registry_key_lists_the_known_ones():
     with pytest.raises(UnknownBaseModel, match="smollm2-135m-instruct"):
         parse_source("no-such-base")
+
+
+def test_checking_the_output_folder_creates_nothing(tmp_path):
+    """A refused export leaves no folder: preflight only tries the nearest existing folder for writes."""
+    from tasks.preflight import check_output_dir
+
+    out = tmp_path / "a" / "b" / "out"
+    check_output_dir(out)
+    assert list(tmp_path.iterdir()) == []
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirInvalid, match="cannot be made: .* is a file"):
+        check_output_dir(blocker / "out")
+
+
+# ------------------------------------------------------------------ prebuilt GGUFs: which types are made
+
+
+@pytest.mark.parametrize("source, asked, allow, made, skipped", [
+    # A float source: every type, none up (f16 → f32 would only grow).
+    ("f16", ["q8_0", "q4_k_m", "f32"], False, ["q8_0", "q4_k_m"], ["f32"]),
+    # The default list on a Q4_K_M: Q8_0 would be bigger with the quality of the Q4_K_M; Q4_K_M is the source.
+    ("q4_k_m", ["q8_0", "q4_k_m"], False, ["q4_k_m"], ["q8_0"]),
+    # Down from Q8_0 only with --allow-requantize.
+    ("q8_0", ["q8_0", "q4_k_m"], False, ["q8_0"], ["q4_k_m"]),
+    ("q8_0", ["q8_0", "q4_k_m"], True, ["q8_0", "q4_k_m"], []),
+    # Never up, even with the flag.
+    ("q4_k_m", ["q6_k", "q3_k_m"], True, ["q3_k_m"], ["q6_k"]),
+    # Nothing asked (the GGUF as it is, with its Modelfile).
+    ("q4_k_m", [], False, [], []),
+])
+def test_prebuilt_gguf_is_never_quantized_up_and_down_only_when_allowed(source, asked, allow, made, skipped):
+    from tasks.preflight import plan_requantization
+
+    kept, why = plan_requantization("m.gguf", source, asked, allow)
+    assert (kept, sorted(why)) == (made, sorted(skipped))
+    for quant in skipped:
+        assert ("more bits per weight" in why[quant]) or ("--allow-requantize" in why[quant]), why[quant]
+
+
+@pytest.mark.parametrize("source, asked, allow, words", [
+    ("q4_k_m", ["q8_0"], False, ["m.gguf is already q4_k_m", "q8_0 would have more bits than the source",
+                                 "Pass --quant q4_k_m to export the GGUF as it is"]),
+    ("q5_k_m", ["q8_0", "q4_k_m"], False, ["q8_0 would have more bits", "q4_k_m would requantize it down",
+                                            "--allow-requantize to requantize it down anyway (quality loss)",
+                                            "--quant q5_k_m"]),
+    ("q4_k_m", ["auto"], False, ["--quant auto measures its candidates against a float GGUF"]),
+])
+def test_prebuilt_gguf_with_nothing_to_make_is_refused(source, asked, allow, words):
+    from tasks.errors import RequantizeRefused
+    from tasks.preflight import plan_requantization
+
+    with pytest.raises(RequantizeRefused) as info:
+        plan_requantization("m.gguf", source, asked, allow)
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+    assert "\n" not in str(info.value)
+
+
+def test_quant_auto_passes_the_request_checks(model_copy, tmp_path):
+    """`--quant auto` is not a type libllama knows; it is checked as the candidates it stands for."""
+    report = preflight(model_copy, tmp_path / "out", quants=["auto"], max_size="500MB")
+    assert report.estimated_bytes > 0
+
+
+# ------------------------------------------------------------------ truncated files
+
+
+def test_truncated_gguf_is_refused_from_its_tensor_table(demo_f16_gguf, tmp_path):
+    """libllama found this 15 s into quantization ("data is not within the file bounds"); preflight reads
+    the tensor table against the file size."""
+    from tasks.errors import SourceCorrupt
+    from tasks.fetch import check_gguf_complete, locate_metadata
+
+    check_gguf_complete(demo_f16_gguf, "whole.gguf")  # the intact file passes
+    cut = tmp_path / "cut.gguf"
+    with open(demo_f16_gguf, "rb") as src, open(cut, "wb") as dst:
+        dst.write(src.read(demo_f16_gguf.stat().st_size - 4096))
+    with pytest.raises(SourceCorrupt, match=r"cut.gguf: truncated: its tensor table describes \d+ bytes"):
+        locate_metadata(parse_source(str(cut)))
+    header_only = tmp_path / "head.gguf"
+    with open(demo_f16_gguf, "rb") as src, open(header_only, "wb") as dst:
+        dst.write(src.read(64 * 1024))
+    with pytest.raises(SourceCorrupt, match="head.gguf: the GGUF header cannot be read"):
+        check_gguf_complete(header_only, "head.gguf")
+
+
+def test_safetensors_with_a_cut_header_is_refused(model_copy, tmp_path):
+    weights = model_copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data[:1000])  # the 8-byte length survives, the JSON header does not
+    with pytest.raises(KilnError, match="header length .* exceeds the file's 1000 bytes"):
+        preflight(model_copy, tmp_path / "out")
