@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,38 @@ def quiet_kiln_tracebacks() -> None:
                 handler.addFilter(_NoTracebackForKilnErrors())
 
 
+@contextmanager
+def terminal_progress() -> Iterator[None]:
+    """Long steps' progress on stderr, from the place that feeds the UI's progress artifacts (tasks/progress.py):
+    a bar a step on a terminal; elsewhere (a pipe, a CI log) a plain `progress:` line every 10 %."""
+    from tasks.progress import show_in_terminal
+
+    if console.is_terminal:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+        bars = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                        console=console)
+        ids: dict[str, Any] = {}
+
+        def show_bar(description: str, percent: int) -> None:
+            if description not in ids:
+                ids[description] = bars.add_task(escape(description), total=100)
+            bars.update(ids[description], completed=percent)
+
+        with bars, show_in_terminal(show_bar):
+            yield
+        return
+    printed: dict[str, int] = {}
+
+    def show_line(description: str, percent: int) -> None:
+        if percent // 10 > printed.get(description, 0) // 10:
+            printed[description] = percent
+            console.print(f"progress: {description}: {percent}%", markup=False, highlight=False, soft_wrap=True)
+
+    with show_in_terminal(show_line):
+        yield
+
+
 def run_export_command(request, as_json: bool, force: bool) -> None:
     from tasks.manifest import find_up_to_date
 
@@ -138,7 +171,7 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
         from flows.local_server import prefect_api
 
         quiet_kiln_tracebacks()
-        with prefect_api(), without_heartbeats():
+        with prefect_api(), without_heartbeats(), terminal_progress():
             manifest = export(request, force=force)
         status = f"exported to {request.out_dir}"
     if as_json:
@@ -269,7 +302,7 @@ def batch_command(catalogue: Path, out_root: str | None, check: bool, force: boo
     from flows.heartbeats import without_heartbeats
     from flows.local_server import prefect_api
 
-    with prefect_api(), without_heartbeats():
+    with prefect_api(), without_heartbeats(), terminal_progress():
         batch_export(str(catalogue), out_root, force)
 
 

@@ -174,8 +174,7 @@ def run_export(request: ExportRequest) -> Manifest:
                                            lora_name, template_source=Path(source.path) if source.kind != "gguf" else None,
                                            prove=request.verify)
             outputs += [record_output(out_dir, m.modelfile, m.quant) for m in ollama.models]
-        if quant_report is not None:
-            write_report_files(quant_report, out_dir, choice)
+        report_files = write_report_files(quant_report, out_dir, choice) if quant_report is not None else {}
 
     if ollama is not None and request.ollama_name:
         with times("register"):
@@ -196,7 +195,7 @@ def run_export(request: ExportRequest) -> Manifest:
         choice=choice,
     )
     write_manifest(out_dir, manifest)
-    publish_summary(manifest)
+    publish_summary(manifest, report_files.get("plot"))
     return manifest
 
 
@@ -249,9 +248,9 @@ def summary_markdown(manifest: Manifest) -> str:
     lines = [
         f"# Kiln export: {manifest.source.id}",
         "",
-        f"Source: {manifest.source.kind} `{manifest.source.id}`"
+        f"- Source: {manifest.source.kind} `{manifest.source.id}`"
         + (f" @ `{manifest.source.revision}`" if manifest.source.revision else ""),
-        f"Toolchain: llama-cpp-python {manifest.toolchain.llama_cpp_python}, "
+        f"- Toolchain: llama-cpp-python {manifest.toolchain.llama_cpp_python}, "
         f"converter sha256 `{manifest.toolchain.converter_sha256[:16]}…`",
         "",
         "| file | quant | size (MB) | sha256 |",
@@ -263,16 +262,32 @@ def summary_markdown(manifest: Manifest) -> str:
     for check in manifest.checks:
         lines.append(f"| {check.name} | {check.target} | {'pass' if check.passed else 'FAIL'} | {check.detail} |")
     if manifest.report is not None:
-        from tasks.report import report_markdown
-
-        lines += ["", report_markdown(manifest.report, manifest.choice)]
+        lines += ["", "Quality, size and speed of each quant type: the `kiln-quant-report` artifact."]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in manifest.timings.items())]
     return "\n".join(lines)
 
 
-def publish_summary(manifest: Manifest) -> None:
+def quant_report_markdown(report: QuantReport, choice: QuantChoice | None, plot: Path | None) -> str:
+    """The report's table and its size-against-quality plot, inline: the UI cannot fetch files from a worker's disk."""
+    import base64
+
+    from tasks.report import report_markdown
+
+    lines = [report_markdown(report, choice)]
+    if plot is not None and plot.is_file():
+        # Prefect's UI renders `data:image/...` sources in Markdown artifacts (its sanitiser allows them).
+        encoded = base64.b64encode(plot.read_bytes()).decode("ascii")
+        lines += ["", f"![size against quality]({'data:image/png;base64,' + encoded})"]
+    return "\n".join(lines)
+
+
+def publish_summary(manifest: Manifest, plot: Path | None = None) -> None:
+    """The run's artifacts: the summary (outputs, checks, timings) and, when measured, the quant report with its plot."""
     create_markdown_artifact(markdown=summary_markdown(manifest), key="kiln-export-summary",
                              description="Kiln export: outputs, sizes, checks")
+    if manifest.report is not None:
+        create_markdown_artifact(markdown=quant_report_markdown(manifest.report, manifest.choice, plot),
+                                 key="kiln-quant-report", description="Kiln quant report: quality, size, speed")
 
 
 @flow(name="export")

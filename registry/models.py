@@ -43,18 +43,32 @@ class ExportRequest(BaseModel):
             "folder, hf:ORG/NAME@<40-hex>, or `demo` for the embedded SmolLM2-135M-Instruct."
         ),
     )
+    # Titles: the deployment form in Prefect's UI shows them (it would make "Quants", "Out Dir", "Max Kl").
     quants: list[str] = Field(
         default_factory=lambda: ["q8_0", "q4_k_m"],
-        description="Quant types to produce besides the f16 base, e.g. q4_k_m, q8_0, q5_k_m.",
+        title="Quant types",
+        description=(
+            "Quant types to produce besides the float base, one a line: e.g. q8_0, q6_k, q5_k_m, q4_k_m, q4_0; "
+            "or `auto` alone (with max_size or max_kl) to measure and pick one."
+        ),
     )
     outtype: Literal["f16", "bf16", "f32"] = Field(
-        "f16", description="Float type of the base conversion every quant type is made from."
+        "f16", title="Float type", description="Float type of the base conversion every quant type is made from."
     )
-    out_dir: str = Field("kiln-out", description="Folder the GGUF files and manifest.json are written to. On a shared server it must lie under the operator's output roots (KILN_POLICY_FILE).")
+    out_dir: str = Field("kiln-out", title="Output folder", description="Folder the GGUF files and manifest.json are written to. On a shared server it must lie under the operator's output roots (KILN_POLICY_FILE).")
+    placement: Literal["local", "cpu", "gpu"] = Field(
+        "local",
+        description=(
+            "Where conversion, merge and quantization run: `local` in the export's own process; `cpu` or `gpu` "
+            "on a worker of that Prefect work pool (the `convert-quantize/<pool>` deployment; the export waits)."
+        ),
+    )
     name: str | None = Field(
-        None, description="File-name stem for outputs; defaults to the model's name.", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+        None, title="File name stem", description="File-name stem for outputs; defaults to the model's name.",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
     )
     verify: bool = Field(True, description="Run every GGUF and compare the f16 file with the Hugging Face model.")
+    report: bool = Field(True, description="Measure each quant type against f16: KL divergence, top-1, perplexity, speed.")
     accept_license: bool = Field(False, description="Accept the base's licence where it requires acceptance.")
     resolve_revision: bool = Field(False, description="Resolve a Hub branch or tag to its commit SHA once, and record it.")
     allow_pickle: bool = Field(False, description="Allow pickled *.bin/*.pt weights (they can run code when loaded). On a shared server, refused unless the operator's policy allows it.")
@@ -76,9 +90,9 @@ class ExportRequest(BaseModel):
             "with an ADAPTER line; peft: the transformers+peft reference merge."
         ),
     )
-    report: bool = Field(True, description="Measure each quant type against f16: KL divergence, top-1, perplexity, speed.")
     max_size: str | None = Field(None, description="With quants [auto]: the largest acceptable file, e.g. 500MB.")
-    max_kl: float | None = Field(None, gt=0, description="With quants [auto]: the largest acceptable mean KL divergence from f16.")
+    max_kl: float | None = Field(None, gt=0, title="Max KL",
+                                 description="With quants [auto]: the largest acceptable mean KL divergence from f16.")
 
     @model_validator(mode="after")
     def _auto_needs_a_bound(self) -> ExportRequest:
@@ -98,13 +112,6 @@ class ExportRequest(BaseModel):
             except KilnError as exc:
                 raise ValueError(f"max_size: {exc}") from None
         return self
-    placement: Literal["local", "cpu", "gpu"] = Field(
-        "local",
-        description=(
-            "Where conversion, merge and quantization run: `local` in the export's own process; `cpu` or `gpu` "
-            "on a worker of that Prefect work pool (the `convert-quantize/<pool>` deployment; the export waits)."
-        ),
-    )
 
     @field_validator("ollama_name")
     @classmethod

@@ -125,7 +125,7 @@ def convert_to_gguf(
     final = gguf_cache_path(content_key, outtype, toolchain)
 
     def build(tmp: Path) -> None:
-        report = progress_reporter(f"convert {model_dir.name} to {outtype} GGUF")
+        report = progress_reporter(f"convert {model_dir.name} to {outtype} GGUF", key="kiln-convert")
 
         def watch(line: str) -> None:
             if match := _WRITING_RE.search(line):

@@ -15,7 +15,7 @@ from typing import Any
 
 from tasks.errors import QuantizationFailed, QuantTypeUnknown
 from tasks.files import path_cache_key
-from tasks.progress import log_in_run
+from tasks.progress import log_in_run, progress_reporter
 from tasks.step import step
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -78,6 +78,8 @@ class _QuantizerLog(threading.local):
         self.fallbacks: Counter[str] = Counter()
         self.tensors = 0
         self.errors: list[str] = []
+        # Called with (tensor number, tensors) as libllama starts each tensor: the quantization's progress.
+        self.on_tensor: Any = None
 
 
 _quantizer_log = _QuantizerLog()
@@ -88,6 +90,9 @@ _quantizer_log = _QuantizerLog()
 _FALLBACK_TO = re.compile(r"->\s*falling back to\s+(\S+)")
 _FALLBACK_NOTICE = re.compile(r"not divisible by \d+ \(required for type")
 _FALLBACK_TOTAL = re.compile(r"\d+ of (\d+) tensor\(s\) required fallback")
+# libllama has no progress callback for a quantization, but it logs one line as it starts each
+# tensor: "[  12/ 272]                   blk.0.attn_k.weight - [  576,    64,     1,     1], type = ..."
+_TENSOR_STARTED = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 # ggml.h's `enum ggml_log_level`: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5. (llama-cpp-python
 # 0.3.36 maps an older order, so it prints these WARN lines as errors and hides the real errors.)
 _GGML_LOG_LEVEL_ERROR = 4
@@ -110,6 +115,11 @@ def _route_libllama_log() -> Any:
                 previous(level, text, user_data)
             return
         line = text.decode("utf-8", errors="replace").strip()
+        if log.on_tensor is not None and (started := _TENSOR_STARTED.match(line)):
+            try:
+                log.on_tensor(int(started.group(1)), int(started.group(2)))
+            except Exception:  # an exception cannot cross libllama's C frames; progress is not worth a crash
+                pass
         if match := _FALLBACK_TO.search(line):
             log.fallbacks[match.group(1)] += 1
         elif match := _FALLBACK_TOTAL.search(line):
@@ -149,11 +159,16 @@ def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None, 
         log = _quantizer_log
         log.fallbacks, log.tensors, log.errors = Counter(), 0, []
         with _slots(at_once) if at_once else nullcontext():
+            # Keyed, so that the bar shows on the flow run's Artifacts tab too (artifact keys: a-z, 0-9, -).
+            progress = progress_reporter(f"quantize to {quant}", key=f"kiln-quantize-{quant.replace('_', '-')}")
+            log.on_tensor = lambda number, total: progress((number - 1) / total)  # tensor `number` begins
             log.active = True
             try:
                 rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
             finally:
-                log.active = False
+                log.active, log.on_tensor = False, None
+            if rc == 0:
+                progress(1.0)
         if rc != 0:
             cause = log.errors[-1] if log.errors else f"return code {rc}"
             raise QuantizationFailed(f"libllama could not quantize {src.name} to {quant}: {cause}")

@@ -25,7 +25,8 @@ def policy_roots(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
 def prefect_server(tmp_path_factory: pytest.TempPathFactory, kiln_cache: Path, demo_f16_gguf: Path):
     """Server (auth on), pools, GPU limit, deployments from deployments/prefect.yaml, one worker a pool."""
     home = tmp_path_factory.mktemp("prefect-home")
-    server = PrefectServer.start(home, {"KILN_CACHE_DIR": str(kiln_cache)})
+    # The UI too (off in PrefectServer by default): tests/test_ui_browser.py drives it in a browser.
+    server = PrefectServer.start(home, {"KILN_CACHE_DIR": str(kiln_cache), "PREFECT_SERVER_UI_ENABLED": "true"})
     policy = home / "policy.yaml"
     roots = policy_roots(tmp_path_factory)
     policy.write_text(yaml.safe_dump({"output_roots": roots, "source_roots": roots}))
