@@ -6,13 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-# Go renders Modelfile templates exactly as Ollama does; git-lfs serves the loopback Hub in tests.
-if ! command -v go >/dev/null || ! command -v git-lfs >/dev/null; then
+# Go renders Modelfile templates exactly as Ollama does; git-lfs serves the loopback Hub in tests;
+# chromium is the browser the UI tests drive (tests/test_ui_browser.py).
+if ! command -v go >/dev/null || ! command -v git-lfs >/dev/null || ! [ -x /usr/bin/chromium ]; then
     if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go git-lfs >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go git-lfs chromium >/dev/null
     else
-        echo "setup: please install Go (golang-go) and git-lfs, then run again" >&2
+        echo "setup: please install Go (golang-go), git-lfs and chromium, then run again" >&2
         exit 1
     fi
 fi
