@@ -92,7 +92,7 @@ def test_a_template_no_dialect_renders_is_exported_for_ollamas_jinja_path(demo_m
     (model / "tokenizer_config.json").write_text(json.dumps(config))
     # ChatML with a blank line after each system turn: no Go dialect writes that.
     odd = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-           "{% if m['role'] == 'system' %}\n{% endif %}{% endfor %}"
+           "{% if m['role'] == 'system' %}{{ '\\n' }}{% endif %}{% endfor %}"
            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     (model / "chat_template.jinja").write_text(odd)
     out = tmp_path / "out"
@@ -116,8 +116,9 @@ def test_a_prebuilt_gguf_exported_with_a_dialect_carries_that_dialects_jinja(tmp
     from tasks.ollama_plan import dialect_jinja
 
     source = tmp_path / "odd.gguf"
+    # ChatML but for a blank line after an empty system turn: near chatml (one conversation differs).
     odd = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-           "{% if m['role'] == 'system' %}\n{% endif %}{% endfor %}"
+           "{% if m['role'] == 'system' and not m['content'] %}{{ '\\n' }}{% endif %}{% endfor %}"
            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     copy_with_string_metadata(packaged_gguf(), source, {"tokenizer.chat_template": odd})
     out = tmp_path / "out"
