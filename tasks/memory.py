@@ -4,7 +4,7 @@ The steps run one after another (the quantizations side by side, sized to the bu
 flows/convert_quantize.py), so the export's peak is its largest step, not their sum:
 
 - convert: the converter script reads the checkpoint lazily, a tensor at a time, and writes the
-  GGUF; its peak grows slowly with the model (`_CONVERT_BYTES_PER_PARAM`, measured below);
+  GGUF; its peak follows the widest tensor, not the model's size (`_CONVERT_COPIES`, measured below);
 - quantize: one libllama quantization, a few copies of the largest tensor (`quant_job_memory`);
 - verify: llama.cpp runs the float GGUF (its weights resident) with a KV cache and the logits of
   every position; the transformers comparison streams one block at a time (tasks/hf_stream.py)
@@ -24,9 +24,11 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.errors import KilnError
 
-# Measured with bench/scale.py (summed PSS of the converter process): 0.98 GB at 1.17B parameters,
-# about 0.83 bytes a parameter; the converter keeps a shard's worth of lazily read tensors.
-_CONVERT_BYTES_PER_PARAM = 0.9
+# The converter reads lazily and writes a tensor at a time: its peak is a few float32 copies of the
+# widest tensor over its imports. bench/scale.py, 1.17B synthetic Llama (widest: the 49152 x 2048
+# embedding, 0.4 GB in float32): 1.01 GB summed PSS, which 1.5 copies over a 0.4 GB baseline match.
+_CONVERT_COPIES = 1.5
+_CONVERT_BASELINE = 400 << 20
 _PROCESS_BASELINE = 600 << 20  # Python, torch and llama.cpp imported: what any step pays before weights
 _BYTES = {"f32": 4, "f16": 2, "bf16": 2}
 
@@ -79,7 +81,9 @@ def estimate_memory(params: int, outtype: str, config: dict, *, verify: bool, re
     float_gguf = params * _BYTES.get(outtype, 2)
     steps: dict[str, int] = {}
     if converts:
-        steps["convert"] = int(params * _CONVERT_BYTES_PER_PARAM) + _PROCESS_BASELINE
+        widest = hidden * max(vocab, int(config.get("intermediate_size") or 0))
+        steps["convert"] = int(_CONVERT_COPIES * 4 * widest) + _CONVERT_BASELINE if widest else \
+            int(params * 2) + _CONVERT_BASELINE  # no shape known: as much as the checkpoint
     if quantizes:
         steps["quantize"] = quant_job_memory(Path("-"), config) + _PROCESS_BASELINE
     if adapter_mode == "merge":
