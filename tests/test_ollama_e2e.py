@@ -135,3 +135,27 @@ def test_a_prebuilt_gguf_exported_with_a_dialect_carries_that_dialects_jinja(tmp
         assert recorded["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
     assert read_chat_template(source) == odd  # the source (and Kiln's cache) untouched
     assert _template_check(out / plan["models"][0]["gguf"])["dialect"] == "chatml"
+
+
+def test_kiln_register_refuses_a_server_older_than_requires_and_sends_it_to_a_current_one(demo_export, tmp_path):
+    from tasks.modelfile import build_modelfile, render_modelfile
+    from tests.ollama_standin import OllamaStandIn
+
+    out = tmp_path / "export"
+    shutil.copytree(demo_export[0], out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["ollama"]["models"]:
+        # The same export as Ollama's Jinja path would take it: no TEMPLATE, REQUIRES 0.30.0.
+        jinja = build_modelfile(from_=f"./{entry['gguf']}", dialect="chatml", stop=("<|im_end|>",),
+                                chat_format="jinja", requires="0.30.0")
+        (out / entry["modelfile"]).write_text(render_modelfile(jinja))
+    with OllamaStandIn(version="0.29.1") as old:
+        refused = run_kiln("register", str(out), "--ollama-name", "smollm2-jinja", env={"OLLAMA_HOST": old.url})
+        assert refused.returncode != 0
+        assert "older than 0.30.0" in refused.stderr and "Traceback" not in refused.stderr
+        assert old.models == {} and old.requests("POST", "/api/blobs") == []
+    with OllamaStandIn(version="0.33.0") as current:
+        done = run_kiln("register", str(out), "--ollama-name", "smollm2-jinja", env={"OLLAMA_HOST": current.url})
+        assert done.returncode == 0, done.stderr
+        request = current.model("smollm2-jinja:q4_k_m")["request"]
+        assert request["requires"] == "0.30.0" and "template" not in request
