@@ -23,8 +23,11 @@ that is the same model in every respect Kiln and llama.cpp look at, at a toy siz
   `templates/reference/`.
 
 `FAMILIES` says, per registry key, what was rebuilt faithfully; where it could not be (no
-vocabulary of that family ships with llama.cpp), the stand-in says which vocabulary stood in,
-and the registry entry says the base is not verified by a stand-in (`unverified_reason`).
+vocabulary of that family ships with llama.cpp: Gemma, Mistral v3, o200k), the stand-in puts the
+family's own control tokens at their ids over a vocabulary that does ship (llama-spm, GPT-2), and
+the registry entry says the base is not verified by a stand-in (`unverified_reason`).
+`install_in_hub_cache` lays a stand-in out as a Hub download of the base's own id and pinned
+commit, so `kiln export hf:ORG/NAME@SHA` and `kiln export KEY` find it offline.
 """
 
 from __future__ import annotations
@@ -479,13 +482,6 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
         extra_specials=PHI4_SPECIALS, standin_pre="gpt-2", export_flags=PHI_FLAGS,
     ),
 )}
-
-
-def family_keys() -> list[str]:
-    """Every registry key, in the registry's order; those without a stand-in recipe too (they are skipped)."""
-    from registry import list_bases
-
-    return [spec.key for spec in list_bases()]
 
 
 # ------------------------------------------------------------------------- building
