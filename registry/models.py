@@ -48,7 +48,7 @@ class ExportRequest(BaseModel):
         default_factory=lambda: ["q8_0", "q4_k_m"],
         title="Quant types",
         description=(
-            "Quant types to produce besides the float base, one a line: e.g. q8_0, q6_k, q5_k_m, q4_k_m, q4_0; "
+            "Quant types to produce besides the float base, e.g. q8_0, q6_k, q5_k_m, q4_k_m, q4_0; "
             "or `auto` alone (with max_size or max_kl) to measure and pick one."
         ),
     )

@@ -41,12 +41,15 @@ def test_kiln_export_shows_conversion_and_quantization_progress_without_a_tty(ki
     """`kiln export` in a pipe (a CI log): a plain `progress:` line every 10 % of each long step.
 
     A cache of its own (the session's converter, probe and demo folder linked in, no GGUFs), so
-    that the conversion and the quantization really run and nothing comes from a cache.
+    that the conversion and the quantization really run and nothing comes from a cache; the
+    session's kept Prefect server (flows/local_server.py) is shared, not a second one left running.
     """
     cache = tmp_path / "cache"
     for name in ("demo", "toolchain", "probe", "gorender"):
         if (kiln_cache / name).is_dir():
             shutil.copytree(kiln_cache / name, cache / name, copy_function=os.link)
+    (kiln_cache / "prefect-server").mkdir(exist_ok=True)
+    (cache / "prefect-server").symlink_to(kiln_cache / "prefect-server", target_is_directory=True)
     out = tmp_path / "out"
     proc = run_kiln("export", "demo", "--quant", "q4_0", "--no-verify", "--no-report", "--out", str(out),
                     env={"KILN_CACHE_DIR": str(cache)})

@@ -42,6 +42,7 @@ def save_screenshot(page: Any, name: str, **options: Any) -> None:
         return
     from PIL import Image
 
+    page.add_style_tag(content="[data-sonner-toaster] { display: none !important; }")  # "scheduled" toasts
     image = Image.open(io.BytesIO(page.screenshot(**options))).convert("RGB")
     image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(DOCS / f"{name}.png", optimize=True)
 
@@ -177,7 +178,7 @@ def test_export_form_run_progress_and_artifacts(page, prefect_server, kiln_cache
     page.get_by_role("tab", name="Artifacts").click()
     for key in ("kiln-export-summary", "kiln-quant-report", "kiln-quantize"):
         page.get_by_text(key, exact=True).wait_for()
-    save_screenshot(page, "ui-export-run")
+    save_screenshot(page, "ui-export-run", full_page=True)
 
     open_artifact(page, prefect_server, run_id, "kiln-export-summary")
     summary = page.locator("table").first
