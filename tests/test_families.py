@@ -72,8 +72,8 @@ def _hub_env(hub_cache: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def family_exports(tmp_path_factory: pytest.TempPathFactory, hub_cache: Path):
-    """`kiln export hf:ORG/NAME@SHA --quant q4_0` of every stand-in, started together, two at a time."""
+def family_exports(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, hub_cache: Path):
+    """`kiln export hf:ORG/NAME@SHA --quant q4_0` of every stand-in this session tests, two at a time."""
     out_root = tmp_path_factory.mktemp("family-exports")
     env = _hub_env(hub_cache)
 
@@ -85,7 +85,9 @@ def family_exports(tmp_path_factory: pytest.TempPathFactory, hub_cache: Path):
         return out, proc
 
     pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="family-export")
-    futures: dict[str, Future] = {key: pool.submit(export, key) for key in FAMILIES}
+    wanted = [item.callspec.params["key"] for item in request.session.items
+              if getattr(item, "originalname", None) == "test_stand_in_exports_end_to_end"]
+    futures: dict[str, Future] = {key: pool.submit(export, key) for key in dict.fromkeys(wanted)}
     yield futures
     pool.shutdown(wait=True, cancel_futures=True)
 
