@@ -33,7 +33,8 @@ EXPECTED_REFUSALS: dict[str, str] = {
     "phi-3.5-mini-instruct": (
         "verify: llama.cpp keeps the whitespace after Phi-3's chat tokens (its RSTRIP rule applies only when "
         "general.name contains phi-3/phi3; the converter writes 'Phi 3.5 Mini Instruct'), transformers strips it "
-        "as the tokenizer says, so the prompt token ids differ"),
+        "as the tokenizer says, so the prompt token ids differ (the same GGUF named 'Phi-3.5-mini-instruct' "
+        "tokenizes as transformers does)"),
 }
 # Bases whose real config.json carries auto_map (custom code transformers does not need: it ships Phi3).
 AUTO_MAP_REFUSED = ("phi-3.5-mini-instruct", "phi-4-mini-instruct")
