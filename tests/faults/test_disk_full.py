@@ -71,11 +71,12 @@ def test_preflight_refuses_an_export_that_cannot_fit(prefect_api, reference_expo
 
 def test_a_write_that_fails_after_preflight_names_the_step_and_leaves_no_partial_file(
         prefect_api, reference_export, tiny_fs, tmp_path):
-    """Room enough for preflight's byte estimate, but only three inodes: root, the export lock, one output.
+    """Room enough for preflight's byte estimate, but only two inodes: root and one output (the export
+    lock lives in the cache).
 
     Preflight counts bytes, not inodes; the second output then cannot even be created (ENOSPC).
     """
-    out = tiny_fs("1g", inodes=3)
+    out = tiny_fs("1g", inodes=2)
     run = Kiln(["demo", "--out", str(out), *FAST], reference_export.env, tmp_path / "logs", "no-inodes")
     assert run.wait() == 2, run.describe()
     message = last_line(run)
