@@ -252,7 +252,7 @@ def _clean(proc) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_readme_export_usage_line(demo_export, tmp_path):
+def test_readme_export_usage_line(tmp_path):
     """`kiln export SOURCE --quant q4_k_m,q8_0 --out DIR [--json]`, on the demo's own folder."""
     from tasks.demo import ensure_demo_model
 
@@ -302,12 +302,18 @@ def test_readme_report_and_json(demo_export):
     assert {r["quant"] for r in json.loads(as_json.stdout)["rows"]} >= {"q8_0", "q4_k_m"}
 
 
-def test_readme_report_measures_an_export_made_with_no_report(demo_export, tmp_path):
-    """`--no-report` skips the measurement; `kiln report DIR` then measures it and records it."""
+def test_readme_no_report_up_to_date_force_then_report(tmp_path):
+    """`--no-report` skips the measurement; a re-run with the same inputs does nothing (Prefect never
+    starts); `--force` exports again; `kiln report DIR` then measures the export and records it."""
     out = tmp_path / "out"
     proc = run_kiln("export", "demo", "--quant", "q8_0", "--no-report", "--no-verify", "--out", str(out), "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["report"] is None
+    again = run_kiln("export", "demo", "--quant", "q8_0", "--no-report", "--no-verify", "--out", str(out))
+    assert again.returncode == 0 and "up to date" in again.stderr, again.stderr[-3000:]
+    assert "Starting temporary server" not in again.stderr
+    forced = run_kiln("export", "demo", "--quant", "q8_0", "--no-report", "--no-verify", "--out", str(out), "--force")
+    assert forced.returncode == 0 and "exporting (--force given)" in forced.stderr, forced.stderr[-3000:]
     report = run_kiln("report", str(out), "--json", timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]
     assert json.loads((out / "manifest.json").read_text())["report"] is not None
@@ -323,11 +329,9 @@ def test_readme_registry_commands():
     assert checked.returncode == 0 and "registry entries valid" in checked.stderr, checked.stderr
 
 
-def test_readme_template_check(demo_export):
+def test_readme_template_check(demo_model_dir):
     """`kiln template check FILE [--json]` on a `.jinja` file, the README's FILE."""
-    from tasks.demo import ensure_demo_model
-
-    jinja = ensure_demo_model()[0] / "chat_template.jinja"
+    jinja = demo_model_dir / "chat_template.jinja"
     text = run_kiln("template", "check", str(jinja), timeout=120)
     assert text.returncode == 0, text.stderr[-3000:]
     assert "dialect: chatml" in text.stderr
@@ -354,24 +358,11 @@ def test_readme_batch_check(tmp_path):
     assert "catalogue items valid" in proc.stderr and not out_root.exists()
 
 
-def test_readme_setup_is_idempotent(demo_export):
+def test_readme_setup_is_idempotent(toolchain, demo_model_dir):
     """`kiln setup`: the converter source and the demo model are in the cache already, so it answers offline."""
     proc = run_kiln("setup", env={"PIP_NO_INDEX": "1", "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "converter:" in proc.stderr and "demo model:" in proc.stderr
-
-
-def test_readme_export_force_and_up_to_date(demo_export, tmp_path):
-    """A re-run with the same inputs does nothing; `--force` exports again."""
-    out = tmp_path / "out"
-    args = ["export", "demo", "--quant", "q8_0", "--no-verify", "--no-report", "--out", str(out)]
-    first = run_kiln(*args)
-    assert first.returncode == 0, first.stderr[-3000:]
-    again = run_kiln("export", "demo", "--quant", "q8_0", "--no-verify", "--no-report", "--out", str(out))
-    assert again.returncode == 0 and "up to date" in again.stderr, again.stderr[-3000:]
-    assert "Starting temporary server" not in again.stderr
-    forced = run_kiln("export", "demo", "--quant", "q8_0", "--no-verify", "--no-report", "--out", str(out), "--force")
-    assert forced.returncode == 0 and "exporting (--force given)" in forced.stderr, forced.stderr[-3000:]
 
 
 def _refused_for_want_of_a_deployment(proc, pool: str) -> None:
@@ -411,7 +402,7 @@ def test_readme_trust_remote_code_lets_custom_code_past(demo_model_dir, tmp_path
     assert not out.exists()
 
 
-def test_readme_demo_with_every_export_option(demo_export, tmp_path):
+def test_readme_demo_with_every_export_option(tmp_path):
     """`kiln demo` takes the export options: each once, against cached conversions (no verify, no report);
     the Ollama registration is deferred (no server), as the README says."""
     from tests.ollama_standin import closed_port
@@ -428,7 +419,7 @@ def test_readme_demo_with_every_export_option(demo_export, tmp_path):
     assert any("kiln register" in (c["detail"] or "") for c in manifest["checks"])
 
 
-def test_readme_batch_runs_a_catalogue(demo_export, tmp_path):
+def test_readme_batch_runs_a_catalogue(tmp_path):
     """`kiln batch CATALOGUE` with `--force` and `--memory-budget`: one demo item, exported from cached conversions."""
     catalogue = tmp_path / "catalogue.yaml"
     catalogue.write_text("bases:\n  - source: demo\n    name: readme-item\n    quants: [q8_0]\n    verify: false\n"
