@@ -37,7 +37,7 @@ EXPECTED_REFUSALS: dict[str, str] = {
         "tokenizes as transformers does)"),
 }
 # Bases whose real config.json carries auto_map (custom code transformers does not need: it ships Phi3).
-AUTO_MAP_REFUSED = ("phi-3.5-mini-instruct", "phi-4-mini-instruct")
+AUTO_MAP_BASES = ("phi-3.5-mini-instruct", "phi-4-mini-instruct")
 REGISTRY_KEY_EXPORT = "qwen2.5-0.5b-instruct"  # small enough for any machine's disk and memory checks
 
 
@@ -190,9 +190,8 @@ def test_a_registry_key_export_checks_the_entry_against_the_converter(hub_cache:
     assert (out / "manifest.json").is_file()
 
 
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=(
-    "Kiln refuses config.json's auto_map unless the registry entry trusts remote code, though transformers ships "
-    "Phi3 and Kiln never passes trust_remote_code on; the stand-in exports above need --trust-remote-code"))) for k in AUTO_MAP_REFUSED])
+# transformers ships Phi3 and Kiln never passes trust_remote_code on, so the auto_map is not needed.
+@pytest.mark.parametrize("key", AUTO_MAP_BASES)
 def test_a_registry_base_with_an_unneeded_auto_map_is_not_refused(key: str, hub_cache: Path, tmp_path: Path):
     proc = run_kiln("export", key, "--accept-license", "--quant", QUANT, "--no-report", "--no-verify",
                     "--out", str(tmp_path / "out"), env=_hub_env(hub_cache), timeout=900)

@@ -205,6 +205,8 @@ def check_remote_code(folder: Path, ref: SourceRef) -> None:
             with contextlib.suppress(OSError, ValueError):
                 data = json.loads(path.read_text(encoding="utf-8"))
                 if isinstance(data, dict) and data.get("auto_map"):
+                    if name == "config.json" and _transformers_ships(data):
+                        continue
                     mapping = data["auto_map"]
                     modules = sorted({str(v).split(".")[0] for v in _flat(mapping) if "." in str(v)})
                     needing.append(f"{name} auto_map → {', '.join(modules) or mapping}")
@@ -214,6 +216,22 @@ def check_remote_code(folder: Path, ref: SourceRef) -> None:
             "Running it means executing the author's code on this machine, so Kiln refuses unless the model's "
             "registry spec says `trust_remote_code: true` (a curator read the code)."
         )
+
+
+def _transformers_ships(config: dict) -> bool:
+    """Whether transformers has its own classes for this config's model type and architecture.
+
+    Then `auto_map` is never used: Kiln loads models without `trust_remote_code`, so transformers
+    takes its own implementation (Phi-3.5 and Phi-4-mini still ship `auto_map` from before
+    transformers had Phi3). Custom code is refused only where it would be needed.
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    architectures = config.get("architectures") or []
+    return (model_type in CONFIG_MAPPING_NAMES and len(architectures) == 1
+            and MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) == architectures[0])
 
 
 def _flat(value) -> list:
