@@ -137,7 +137,7 @@ def main() -> None:
         rerun_wall, _ = kiln_export(model, quants, work / "out", env)
         refusal_wall, refusal = refused_export(model, work, env)
 
-        from tests.prefect_server import PrefectServer
+        from tests.support.prefect_server import PrefectServer
 
         server = PrefectServer.start(work / "server-home")
         try:

@@ -88,7 +88,7 @@ def _child(kind: str, spec: dict) -> dict:
         lap("peft_merge_save_convert", t)
         shutil.copyfile(out, spec["out"])
     elif kind == "make-adapter":
-        from tests.fixtures_adapter import make_peft_adapter
+        from tests.support.fixtures_adapter import make_peft_adapter
 
         make_peft_adapter(Path(spec["base_dir"]), Path(spec["out"]), r=RANK, alpha=ALPHA)
     elif kind == "make-big":

@@ -3,7 +3,7 @@
 One place feeds both displays. Inside a Prefect run a step's progress becomes a Prefect
 progress artifact (the UI shows a bar, on the run's Artifacts tab) and a log line every
 quarter (the run's log); where a terminal display is installed (`show_in_terminal`: the
-`kiln` command does, flows/cli.py), every change of a whole percent goes to it as well, in
+`kiln` command does, cli/), every change of a whole percent goes to it as well, in
 or out of a run. `log_in_run` adds a line to the run's log. Outside a run with no terminal
 display, both do nothing, as when tests call the plain functions.
 

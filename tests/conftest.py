@@ -15,13 +15,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 # Shared fixtures live in these modules; registering them here makes them visible to every test.
 pytest_plugins = [
-    "tests.fixtures_adapter",
-    "tests.fixtures_gotemplate",
-    "tests.fixtures_hub",
-    "tests.fixtures_ollama",
-    "tests.fixtures_prefect",
+    "tests.support.fixtures_adapter",
+    "tests.support.fixtures_gotemplate",
+    "tests.support.fixtures_hub",
+    "tests.support.fixtures_ollama",
+    "tests.support.fixtures_prefect",
 ]
-pytest.register_assert_rewrite("tests.hub_faults_proxy")
+pytest.register_assert_rewrite("tests.support.hub_faults_proxy")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -66,7 +66,7 @@ def demo_export(tmp_path_factory: pytest.TempPathFactory, kiln_cache: Path) -> t
     """`kiln demo --json` run once per session through the real CLI: (output folder, manifest)."""
     import json
 
-    from tests.kiln_cli import run_kiln
+    from tests.support.kiln_cli import run_kiln
 
     out = tmp_path_factory.mktemp("demo-export") / "out"
     proc = run_kiln("demo", "--out", str(out), "--json")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.kiln_cli import run_kiln
+from tests.support.kiln_cli import run_kiln
 
 
 def export(model, adapter, out, mode):

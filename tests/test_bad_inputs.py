@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from registry import BASES_DIR, format_validation_error, load_spec_file
 from registry.models import ExportRequest
 from tasks.errors import KilnError, SourceInvalid, SpecInvalid
-from tests.kiln_cli import run_kiln
+from tests.support.kiln_cli import run_kiln
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE = REPO / "docs" / "bad-inputs.md"

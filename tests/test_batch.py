@@ -1,6 +1,6 @@
 """The batch: the catalogue's validation, and `batch-export` runs on a real Prefect server.
 
-The server (tests/fixtures_prefect.py) deploys deployments/prefect.yaml and runs a worker a pool;
+The server (tests/support/fixtures_prefect.py) deploys deployments/prefect.yaml and runs a worker a pool;
 small work only: the demo model, q8_0, verification and the quality report off.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.model_folders import demo_copy, give_unknown_pre_tokenizer
-from tests.prefect_server import REPO_ROOT, PrefectServer, task_states_by_kind
+from tests.support.model_folders import demo_copy, give_unknown_pre_tokenizer
+from tests.support.prefect_server import REPO_ROOT, PrefectServer, task_states_by_kind
 
 CATALOGUE = REPO_ROOT / "deployments" / "catalogue.yaml"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.prefect_server import logs_once
+from tests.support.prefect_server import logs_once
 
 
 def test_quantizations_in_parallel_stay_within_the_memory_budget(monkeypatch):

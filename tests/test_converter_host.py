@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from tasks.files import TEMP_PREFIX, sha256_file
-from tests.prefect_server import REPO_ROOT
+from tests.support.prefect_server import REPO_ROOT
 
 
 def _vocab_only(model_dir: Path, out: Path, toolchain, jobs: list) -> None:

@@ -1,7 +1,7 @@
 """Deployments: `deployments/prefect.yaml` against a real Prefect server, workers on two pools.
 
 The first tests need no server: the deployment file and the UI form. The rest use the session's
-server (tests/fixtures_prefect.py: `prefect server start` with SQLite in a temporary PREFECT_HOME,
+server (tests/support/fixtures_prefect.py: `prefect server start` with SQLite in a temporary PREFECT_HOME,
 the `cpu` and `gpu` pools, the `gpu` concurrency limit, `prefect deploy --all`, one process worker
 a pool) and trigger runs through the REST API as the UI does. Small work: the demo model, q8_0,
 verification and the quality report off. Server and workers share the session's KILN_CACHE_DIR.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import yaml
 
-from tests.prefect_server import REPO_ROOT, logs_once
+from tests.support.prefect_server import REPO_ROOT, logs_once
 
 PREFECT_YAML = REPO_ROOT / "deployments" / "prefect.yaml"
 

@@ -10,7 +10,7 @@ import json
 import shutil
 
 from tasks.files import sha256_file
-from tests.kiln_cli import run_kiln
+from tests.support.kiln_cli import run_kiln
 
 
 def test_demo_writes_every_quant_with_a_manifest_that_matches_the_files(demo_export):

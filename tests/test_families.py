@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from registry import get_base, load_registry
-from tests.kiln_cli import run_kiln
+from tests.support.kiln_cli import run_kiln
 from tests.support.families import FAMILIES, Family, build_standin, install_in_hub_cache, llama_cpp_models, vocab_vectors
 
 QUANT = "q4_0"  # one small type: quantization is on the path, its cost is not

@@ -1,8 +1,8 @@
 """Fetch: parsing every kind of source, and downloading from a real Hub mirror on loopback.
 
 The Hub is olah (a real Hub mirror, PyPI `olah`) serving git+LFS repositories
-made by `tests/fixtures_hub.py`, reached through the fault-injecting stand-in in
-`tests/hub_faults_proxy.py`; huggingface_hub is pointed at it through
+made by `tests/support/fixtures_hub.py`, reached through the fault-injecting stand-in in
+`tests/support/hub_faults_proxy.py`; huggingface_hub is pointed at it through
 `HF_ENDPOINT`, exactly as a user points it at a mirror.
 """
 
@@ -38,7 +38,7 @@ from tasks.fetch import (
     redact,
 )
 from tasks.files import sha256_file
-from tests.fixtures_hub import (
+from tests.support.fixtures_hub import (
     BIG_REPO,
     CUSTOM_CODE_REPO,
     DEMO_SKIP,

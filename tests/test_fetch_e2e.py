@@ -1,7 +1,7 @@
 """End to end through the `kiln` command: `hf:ORG/NAME@SHA` from a Hub on loopback, then again offline.
 
 The Hub is olah (a real Hub mirror) serving the demo SmolLM2-135M-Instruct
-folder as a git+LFS repository (`tests/fixtures_hub.py`). The first export
+folder as a git+LFS repository (`tests/support/fixtures_hub.py`). The first export
 downloads it at its commit through `HF_ENDPOINT` into an empty hub cache; the
 second runs with `HF_HUB_OFFLINE=1` and `HF_ENDPOINT` pointed at the recording
 proxy, and must succeed from the cache without a single request.
@@ -16,17 +16,17 @@ import sys
 from pathlib import Path
 
 from tasks.files import sha256_file
-from tests.fixtures_hub import DEMO_SKIP
+from tests.support.fixtures_hub import DEMO_SKIP
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def kiln_command() -> list[str]:
-    """The installed `kiln` script, else the same entry point (`flows.cli:main`) run by this Python."""
+    """The installed `kiln` script, else the same entry point (`cli:main`) run by this Python."""
     script = Path(sys.executable).with_name("kiln")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())"]
+    return [sys.executable, "-c", "import sys; from cli import main; sys.exit(main())"]
 
 
 def run_kiln(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kiln_cli import run_kiln
+from tests.support.kiln_cli import run_kiln
 
 
 def _alive(pid: int) -> bool:

@@ -1,4 +1,4 @@
-"""The demo export made into Ollama models, against the Ollama stand-in (tests/ollama_standin.py);
+"""The demo export made into Ollama models, against the Ollama stand-in (tests/support/ollama_standin.py);
 the chat format each export chooses, the template its GGUFs carry, and its stops' proofs."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import shutil
 
 from tasks.gguf_file import read_chat_template
 from tasks.modelfile import parse_modelfile
-from tests.kiln_cli import run_kiln
-from tests.ollama_standin import closed_port
+from tests.support.kiln_cli import run_kiln
+from tests.support.ollama_standin import closed_port
 
 
 def test_register_is_idempotent_and_ships_the_verified_template(demo_export, ollama_standin, tmp_path):  # noqa: F811
@@ -139,7 +139,7 @@ def test_a_prebuilt_gguf_exported_with_a_dialect_carries_that_dialects_jinja(tmp
 
 def test_kiln_register_refuses_a_server_older_than_requires_and_sends_it_to_a_current_one(demo_export, tmp_path):
     from tasks.modelfile import build_modelfile, render_modelfile
-    from tests.ollama_standin import OllamaStandIn
+    from tests.support.ollama_standin import OllamaStandIn
 
     out = tmp_path / "export"
     shutil.copytree(demo_export[0], out)

@@ -91,7 +91,7 @@ def test_template_check_reports_the_renderer_ollama_assigns_to_the_architecture(
 
     import gguf
 
-    from tests.kiln_cli import run_kiln
+    from tests.support.kiln_cli import run_kiln
 
     path = tmp_path / "gemma4-like.gguf"
     writer = gguf.GGUFWriter(str(path), "gemma4")

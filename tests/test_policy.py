@@ -2,7 +2,7 @@
 
 The first tests need no server: the policy file, path confinement, and the `kiln` command on a
 user's own machine, which the policy leaves alone. The rest use the session's server
-(tests/fixtures_prefect.py): API authentication on, and workers started under a policy whose
+(tests/support/fixtures_prefect.py): API authentication on, and workers started under a policy whose
 roots are pytest's base temporary folder. Runs are triggered through the REST API as the UI's
 form does. A refusal happens at the flow's start, before any folder is made, so the refused
 runs are submitted together and take seconds.
@@ -23,8 +23,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.kiln_cli import run_kiln
-from tests.prefect_server import REPO_ROOT, PrefectServer, prefect_command
+from tests.support.kiln_cli import run_kiln
+from tests.support.prefect_server import REPO_ROOT, PrefectServer, prefect_command
 
 REFUSED_PATH = "outside the folders this server's policy allows"
 # Shaped like a real Hub token, so every redaction rule would apply to it if it ever leaked.

@@ -23,8 +23,8 @@ from tasks.errors import (
 )
 from tasks.fetch import parse_source
 from tasks.preflight import run_preflight
-from tests.kiln_cli import run_kiln
-from tests.model_folders import demo_copy, give_unknown_pre_tokenizer
+from tests.support.kiln_cli import run_kiln
+from tests.support.model_folders import demo_copy, give_unknown_pre_tokenizer
 
 METADATA = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

@@ -11,7 +11,7 @@ import re
 import shutil
 
 from tasks.progress import progress_reporter, show_in_terminal
-from tests.kiln_cli import run_kiln
+from tests.support.kiln_cli import run_kiln
 
 
 def test_a_quantization_reports_progress_per_tensor_while_it_runs(demo_f16_gguf, tmp_path):

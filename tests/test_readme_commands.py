@@ -1,5 +1,5 @@
 """The README is a test: every `kiln` command and flag it shows, and every option `kiln … --help` lists,
-runs in the suite through the `kiln` executable (tests/kiln_cli.py), as a user types it.
+runs in the suite through the `kiln` executable (tests/support/kiln_cli.py), as a user types it.
 
 How "runs in the suite" is checked, without running anything twice: the test modules are read
 (ast), and a test function *exercises* a usage when one of its calls of the real command
@@ -21,7 +21,7 @@ import shutil
 from functools import cache
 from pathlib import Path
 
-from tests.kiln_cli import run_kiln
+from tests.support.kiln_cli import run_kiln
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -31,8 +31,8 @@ PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]*$")  # SOURCE, DIR, KEY, NAME, FILE, CAT
 NOT_KILN = {
     "./setup.sh": "CI runs it (.ci/run) on a fresh machine",
     ".venv/bin/python -m pytest -q": "CI runs it (.ci/run)",
-    "prefect server start &": "Prefect's own command (tests/prefect_server.py starts the test server with it)",
-    "export PREFECT_API_URL=http://127.0.0.1:4200/api": "a shell variable (tests/prefect_server.py sets it)",
+    "prefect server start &": "Prefect's own command (tests/support/prefect_server.py starts the test server with it)",
+    "export PREFECT_API_URL=http://127.0.0.1:4200/api": "a shell variable (tests/support/prefect_server.py sets it)",
 }
 CLI_CALLS = {"run_kiln", "Kiln"}
 
@@ -216,7 +216,7 @@ def _help_options() -> dict[tuple[str, ...], list[str]]:
     """Every option of every `kiln` command, as `kiln … --help` lists it."""
     import click
 
-    from flows.cli import cli
+    from cli import cli
 
     options: dict[tuple[str, ...], list[str]] = {}
 
@@ -405,7 +405,7 @@ def test_readme_trust_remote_code_lets_custom_code_past(demo_model_dir, tmp_path
 def test_readme_demo_with_every_export_option(tmp_path):
     """`kiln demo` takes the export options: each once, against cached conversions (no verify, no report);
     the Ollama registration is deferred (no server), as the README says."""
-    from tests.ollama_standin import closed_port
+    from tests.support.ollama_standin import closed_port
 
     out = tmp_path / "demo"
     proc = run_kiln("demo", "--out", str(out), "--name", "readme-demo", "--outtype", "f16", "--accept-license",

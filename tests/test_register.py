@@ -27,7 +27,7 @@ from tasks.register import (
     RetryPolicy,
     register_model,
 )
-from tests.ollama_standin import OllamaStandIn, closed_port
+from tests.support.ollama_standin import OllamaStandIn, closed_port
 
 NAME = "smollm2-135m-instruct:q4_k_m"
 

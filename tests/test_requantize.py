@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from tests.kiln_cli import run_kiln
+from tests.support.kiln_cli import run_kiln
 
 
 def test_default_list_on_a_q4_k_m_gguf_skips_q8_0_and_says_why(demo_export, tmp_path):

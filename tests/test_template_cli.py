@@ -17,7 +17,7 @@ import pytest
 
 import templates
 from tasks.demo import packaged_gguf
-from tests.kiln_cli import run_kiln
+from tests.support.kiln_cli import run_kiln
 
 REFERENCES = templates.REFERENCE_DIR
 LLAMA32 = REFERENCES / "llama3.Llama-3.2-3B-Instruct.jinja"

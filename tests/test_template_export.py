@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.kiln_cli import run_kiln
+from tests.support.kiln_cli import run_kiln
 from tests.test_template_cli import DEEPSEEK, gguf_with_template
 
 

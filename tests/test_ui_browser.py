@@ -1,6 +1,6 @@
 """Runs triggered from Prefect's UI, as a user sees them, in a real browser.
 
-The session's Prefect server (tests/fixtures_prefect.py: API auth on, the UI on, the project's
+The session's Prefect server (tests/support/fixtures_prefect.py: API auth on, the UI on, the project's
 deployments, a worker a pool) is opened in headless Chromium (tests/support/browser.py). Each
 test logs in on the UI's login page, opens a deployment, chooses Run → Custom run, fills the form
 in, submits it, follows the toast's "View run" link and reads what the run's page shows: its
@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.prefect_server import REPO_ROOT, PrefectServer, logs_once
+from tests.support.prefect_server import REPO_ROOT, PrefectServer, logs_once
 from tests.support.browser import chromium_page, log_in, missing_browser, ui_url
 
 pytestmark = pytest.mark.browser

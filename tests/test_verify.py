@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tasks.errors import KilnError
-from tests.kiln_cli import run_kiln
+from tests.support.kiln_cli import run_kiln
 
 REPO = Path(__file__).resolve().parent.parent
 SEQUENCES = [[1, 50, 60, 70, 80, 90, 100, 110], [1, 200, 300, 400], [1, 9, 2]]

@@ -1,6 +1,6 @@
 """Fixtures of the fault suite.
 
-- `prefect_api` (session): one real `prefect server start` on loopback (tests/prefect_server.py)
+- `prefect_api` (session): one real `prefect server start` on loopback (tests/support/prefect_server.py)
   that every `kiln` run of the suite talks to through PREFECT_API_URL. The faults under test
   are Kiln's (kills, locks, disks, caches), not Prefect's; one shared server instead of an
   ephemeral one a run saves about 15 s a `kiln` invocation on a 2-core machine.
@@ -27,7 +27,7 @@ from tests.faults.helpers import (
     entry,
     output_hashes,
 )
-from tests.prefect_server import PrefectServer
+from tests.support.prefect_server import PrefectServer
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from tasks.files import TEMP_PREFIX, sha256_file
-from tests.kiln_cli import kiln_executable
+from tests.support.kiln_cli import kiln_executable
 
 DEMO_STEM = "smollm2-135m-instruct"
 DEMO_QUANTS = ("f16", "q8_0", "q4_k_m")

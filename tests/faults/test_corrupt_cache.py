@@ -207,7 +207,7 @@ def test_a_damaged_tree_with_no_source_to_extract_from_is_refused_not_used(tree_
 
 def test_kiln_setup_repairs_a_damaged_tree(tree_copy, sdist, kiln_cache, tmp_path):
     """The same through the command a user runs (`kiln setup --sdist`)."""
-    from tests.kiln_cli import run_kiln
+    from tests.support.kiln_cli import run_kiln
 
     shutil.copytree(kiln_cache / "demo", tmp_path / "cache" / "demo", copy_function=os.link)
     script = tree_copy / "convert_hf_to_gguf.py"

@@ -28,7 +28,7 @@ from tests.faults.helpers import (
     temporaries,
     wait_until,
 )
-from tests.ollama_standin import OllamaStandIn, closed_port
+from tests.support.ollama_standin import OllamaStandIn, closed_port
 
 NAME = "kiln-fault:q4"  # a tagged name: one model, the first quant type's GGUF
 

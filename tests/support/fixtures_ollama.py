@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.ollama_standin import OllamaStandIn
+from tests.support.ollama_standin import OllamaStandIn
 
 
 @pytest.fixture

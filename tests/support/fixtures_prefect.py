@@ -1,6 +1,6 @@
 """The real Prefect server the deployment, batch, placement and policy tests share (one a session).
 
-Authentication is on (tests/prefect_server.py), and the workers run under an operator's policy
+Authentication is on (tests/support/prefect_server.py), and the workers run under an operator's policy
 (`KILN_POLICY_FILE`, tasks/policy.py) whose roots are pytest's temporary folders: the tests'
 outputs and local sources lie there, and anything outside is refused.
 Registered for every test by `pytest_plugins` in tests/conftest.py.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.prefect_server import PrefectServer
+from tests.support.prefect_server import PrefectServer
 
 
 def policy_roots(tmp_path_factory: pytest.TempPathFactory) -> list[str]:

@@ -7,7 +7,7 @@
 - `demo_hub_repo` (session): the demo SmolLM2-135M-Instruct folder (fixture
   `demo_model_dir`; model files only, not `kiln-demo.json`) committed as
   `kiln-test/SmolLM2-135M-Instruct`; yields `(endpoint, repo_id, sha)`.
-- `hub_proxy` (session) / `faults` (function): `tests/hub_faults_proxy.py` in
+- `hub_proxy` (session) / `faults` (function): `tests/support/hub_faults_proxy.py` in
   front of olah, for dropped connections, corrupt bodies and gated answers.
 - `hub_env` (function): points huggingface_hub at the proxy the way a user
   would, through `HF_ENDPOINT`, with a fresh `HF_HUB_CACHE`, `HF_HOME` and
@@ -36,7 +36,7 @@ from typing import NamedTuple
 import numpy as np
 import pytest
 
-from tests.hub_faults_proxy import FaultProxy
+from tests.support.hub_faults_proxy import FaultProxy
 
 ORG = "kiln-test"
 DEMO_REPO = f"{ORG}/SmolLM2-135M-Instruct"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def kiln_executable() -> list[str]:
     script = Path(sys.executable).parent / "kiln"
-    return [str(script)] if script.is_file() else [sys.executable, "-c", "from flows.cli import main; main()"]
+    return [str(script)] if script.is_file() else [sys.executable, "-c", "from cli import main; main()"]
 
 
 def run_kiln(*args: str, env: dict[str, str] | None = None, timeout: float = 900) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: stand-in servers, model folders, the kiln executable, fixtures."""
