@@ -9,11 +9,11 @@ import contextlib
 import json
 import logging
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from registry.models import SourceFile
+from tasks import safetensors_file
 from tasks.errors import PickleRefused, RemoteCodeRefused, SourceCorrupt, SourceInvalid
 from tasks.fetch.ref import SourceRef, display_source
 from tasks.files import read_json_object, sha256_file
@@ -247,40 +247,13 @@ def _flat(value) -> list:
 
 def check_safetensors(path: Path, name: str) -> list[str]:
     """Tensor names in a safetensors file; SourceCorrupt when the header's data_offsets disagree with its size."""
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise SourceCorrupt(f"{name}: {size} bytes, too short to be a safetensors file (truncated)")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, 512 * 1024 * 1024):
-            raise SourceCorrupt(f"{name}: header length {header_len} exceeds the file's {size} bytes (truncated "
-                                "or not a safetensors file)")
-        raw = fh.read(header_len)
     try:
-        header = json.loads(raw)
-    except ValueError:
-        raise SourceCorrupt(f"{name}: the safetensors header is not valid JSON (corrupt file)") from None
-    if not isinstance(header, dict):
-        raise SourceCorrupt(f"{name}: the safetensors header is not a JSON object (corrupt file)")
-    end = 0
-    tensors = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-                or offsets[0] > offsets[1]):
-            raise SourceCorrupt(f"{name}: tensor {key!r} has invalid data_offsets {offsets!r} (corrupt file)")
-        end = max(end, offsets[1])
-        tensors.append(key)
-    expected = 8 + header_len + end
-    if size < expected:
-        raise SourceCorrupt(f"{name}: truncated: its header describes {expected} bytes but the file has {size}; "
-                            "delete it and download again")
-    if size > expected:
-        raise SourceCorrupt(f"{name}: {size - expected} bytes past the end its header describes (corrupt file)")
-    return tensors
+        header = safetensors_file.read_header(path)
+        safetensors_file.check_whole(header, path)
+    except safetensors_file.SafetensorsFileError as exc:
+        # Named as the source names it (a repo path), not by its place in the Hub cache.
+        raise SourceCorrupt(str(exc).replace(str(path), name, 1)) from None
+    return list(header.tensors)
 
 
 def check_gguf_magic(path: Path, name: str) -> None:
