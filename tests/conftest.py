@@ -7,9 +7,12 @@ session; tests that need a fresh cache make their own.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.support.prefect_server import stop_kept_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,14 +28,19 @@ pytest.register_assert_rewrite("tests.support.hub_faults_proxy")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def kiln_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`KILN_CACHE_DIR` for the session: `KILN_TEST_CACHE_DIR` when set (reused across runs), else a temp dir."""
+def kiln_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """`KILN_CACHE_DIR` for the session: `KILN_TEST_CACHE_DIR` when set (reused across runs), else a temp dir.
+
+    The `kiln` commands the tests run share the Prefect server Kiln keeps in this cache; it is
+    stopped when the session ends rather than left idling for KILN_PREFECT_SERVER_KEEP seconds.
+    """
     reuse = os.environ.get("KILN_TEST_CACHE_DIR")
     path = Path(reuse) if reuse else tmp_path_factory.mktemp("kiln-cache")
     path.mkdir(parents=True, exist_ok=True)
     os.environ["KILN_CACHE_DIR"] = str(path)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    return path
+    yield path
+    stop_kept_server(path / "prefect-server")
 
 
 @pytest.fixture(scope="session")

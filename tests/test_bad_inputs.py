@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from registry import BASES_DIR, format_validation_error, load_spec_file
 from registry.models import ExportRequest
 from tasks.errors import KilnError, SourceInvalid, SpecInvalid
-from tests.support.kiln_cli import run_kiln
+from tests.support.kiln_cli import reached_prefect, run_kiln
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE = REPO / "docs" / "bad-inputs.md"
@@ -71,7 +71,7 @@ def test_cli_refusal(row, tmp_path):
     for word in words:
         assert word in proc.stderr, (word, proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr
-    assert "Starting temporary server" not in proc.stderr  # refused before Prefect started
+    assert not reached_prefect(proc.stderr)  # refused before Prefect started
     refusals = [line for line in proc.stderr.splitlines() if line.lower().startswith("error")]
     assert len(refusals) == 1, proc.stderr  # one message
     assert not out.exists()  # nothing written, not even an empty output folder
@@ -331,7 +331,7 @@ def _refused_before_prefect(proc, out: Path, *words: str) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     for word in words:
         assert word in proc.stderr, (word, proc.stderr[-2000:])
-    assert "Traceback" not in proc.stderr and "Starting temporary server" not in proc.stderr
+    assert "Traceback" not in proc.stderr and not reached_prefect(proc.stderr)
     assert len([line for line in proc.stderr.splitlines() if line.lower().startswith("error")]) == 1, proc.stderr
     assert not out.exists()  # not even an empty output folder
 

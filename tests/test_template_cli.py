@@ -17,7 +17,7 @@ import pytest
 
 import templates
 from tasks.demo import packaged_gguf
-from tests.support.kiln_cli import run_kiln
+from tests.support.kiln_cli import reached_prefect, run_kiln
 
 REFERENCES = templates.REFERENCE_DIR
 LLAMA32 = REFERENCES / "llama3.Llama-3.2-3B-Instruct.jinja"
@@ -169,7 +169,7 @@ def test_a_prebuilt_gguf_without_a_chat_template_is_refused_before_prefect(tmp_p
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert_clean(proc)
     assert "no-template.gguf carries no chat template" in proc.stderr and "--dialect" in proc.stderr
-    assert "Starting temporary server" not in proc.stderr  # refused before Prefect
+    assert not reached_prefect(proc.stderr)  # refused before Prefect
     assert not list(tmp_path.glob("out/*.gguf"))
 
 
@@ -179,4 +179,4 @@ def test_export_refuses_an_asked_for_dialect_that_is_far_off_before_prefect(tmp_
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert_clean(proc)
     assert "the 'chatml' dialect does not render" in proc.stderr and "Leave --dialect out" in proc.stderr
-    assert "Starting temporary server" not in proc.stderr
+    assert not reached_prefect(proc.stderr)
