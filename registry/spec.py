@@ -77,7 +77,7 @@ class BaseModelSpec(BaseModel):
     architecture: str = Field(..., description="transformers `config.architectures[0]` value.")
     params: int = Field(..., gt=0, description="Parameter count; drives disk and memory estimates.")
     target_modules: list[str] = Field(..., min_length=1)
-    template: Dialect | PlannedDialect
+    template: Literal[Dialect, PlannedDialect]  # one flat Literal: one readable validation error
     gguf_arch: str = Field(..., min_length=1, description="Name llama.cpp's converter uses.")
     tokenizer_pre: str = Field(..., min_length=1, description="Pre-tokenizer label.")
 
