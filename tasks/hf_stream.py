@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from tasks import safetensors_file
 from tasks.errors import KilnError
 
 
@@ -33,33 +34,26 @@ class StreamingUnsupported(KilnError):
 
 def safetensors_index(folder: Path) -> dict[str, Path]:
     """Tensor name → the safetensors file holding it (sharded with an index, or one or more plain files)."""
-    from safetensors import safe_open
-
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         return {name: folder / file for name, file in weight_map.items()}
     found: dict[str, Path] = {}
     for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                found[name] = path
+        for name in safetensors_file.read_header(path).tensors:
+            found[name] = path
     return found
 
 
 def largest_block_bytes(folder: Path, dtype_bytes: int = 4) -> int:
     """Bytes of the largest streamed block in float32, from the safetensors headers alone (no tensor read)."""
-    import struct
-
     index = safetensors_index(folder)
     sizes: dict[str, int] = defaultdict(int)
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name, path in index.items():
         by_file[path].append(name)
     for path, names in by_file.items():
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
+        header = safetensors_file.read_header(path).tensors
         for name in names:
             shape = header.get(name, {}).get("shape", [])
             n = 1
