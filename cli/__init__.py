@@ -258,13 +258,19 @@ def report_command(out_dir: Path, as_json: bool) -> None:
               help="A llama-cpp-python source distribution already on disk (else pip fetches it).")
 @fail_cleanly
 def setup_command(sdist: Path | None) -> None:
-    """Fetch what exports need once (the converter source, the demo model), so later runs need no network."""
+    """Fetch and build what exports need once (the converter source, llama.cpp's tools, the demo model),
+    so later runs need no network."""
     from tasks.demo import ensure_demo_model
+    from tasks.llama_tools import TOOLS, build_llama_tools, tools_built
     from tasks.toolchain import current_toolchain, ensure_converter_source
 
     ensure_converter_source(sdist)
     toolchain = current_toolchain()
     console.print(f"converter: {toolchain.converter_source} (sha256 {toolchain.converter_sha256[:16]}…)", markup=False)
+    if not tools_built():
+        console.print(f"building llama.cpp's {', '.join(TOOLS)} from the same source (once; a few minutes)…",
+                      markup=False)
+    console.print(f"llama.cpp tools: {build_llama_tools(sdist)}", markup=False)
     folder, derived = ensure_demo_model()
     console.print(f"demo model: {folder}\n  derived from {derived}", markup=False)
 

@@ -11,7 +11,8 @@ thing, and a test that sets a variable after import still takes effect.
 | `KILN_PREFECT_SERVER_KEEP` | seconds Kiln's local Prefect server stays up after its last command; `0`: a temporary server per command | `600` |
 | `KILN_CONVERTER_HOST` | `0` runs every conversion as a plain subprocess | `1` (a forked host on Linux) |
 | `KILN_PLACEMENT_POLL_SECONDS` | how often an export asks whether its cpu/gpu child run has finished | `2` |
-| `LLAMA_CPP_DIR` | your own llama.cpp checkout instead of the pinned source's converter | unset |
+| `LLAMA_CPP_DIR` | your own llama.cpp checkout instead of the pinned source's converter (its tools from its `build/bin/`) | unset |
+| `CMAKE_ARGS` | flags for building llama-cpp-python, reused by `kiln setup` for llama.cpp's tools (`-DGGML_CUDA=on`) | unset |
 | `KILN_POLICY_FILE` | the operator's policy for deployment runs (YAML, `deployments/policy.yaml`): roots, switches, keys | unset: both roots are the run's working folder, switches off |
 | `KILN_SECRETS` | deployment runs: `VAR=block,...` fills each credential variable (`HF_TOKEN`, ...) from that Prefect Secret block | unset |
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from pathlib import Path
 
 from tasks.errors import KilnError
@@ -111,6 +113,14 @@ def llama_cpp_dir() -> Path | None:
     """`LLAMA_CPP_DIR`: a llama.cpp checkout whose converter replaces the pinned one."""
     raw = os.environ.get("LLAMA_CPP_DIR", "").strip()
     return Path(raw).expanduser() if raw else None
+
+
+def cmake_args() -> list[str]:
+    """`CMAKE_ARGS`: the flags the user gave llama-cpp-python's build (`-DGGML_CUDA=on`), reused for llama.cpp's tools."""
+    try:
+        return shlex.split(os.environ.get("CMAKE_ARGS", ""))
+    except ValueError as exc:
+        raise SettingInvalid(f"CMAKE_ARGS cannot be split into arguments ({exc})") from None
 
 
 def policy_file() -> Path | None:

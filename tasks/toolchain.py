@@ -80,7 +80,7 @@ def _check_tree(root: Path) -> None:
         raise ToolchainError(f"llama.cpp tree {root} lacks {', '.join(missing)}; it cannot convert models")
 
 
-def _download_sdist(version: str, into: Path) -> Path:
+def download_sdist(version: str, into: Path) -> Path:
     cmd = [
         sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
         "--dest", str(into), f"llama-cpp-python=={version}",
@@ -135,7 +135,7 @@ def ensure_converter_source(sdist: Path | None = None) -> Path:
             return root
         # A tree edited or damaged since extraction is replaced, never trusted.
     with tempfile.TemporaryDirectory(prefix="kiln-sdist-") as tmp:
-        archive = sdist or _download_sdist(version, Path(tmp))
+        archive = sdist or download_sdist(version, Path(tmp))
         with atomic_dir(root) as staging:
             _extract_converter(archive, staging)
             sdist_sha = hashlib.sha256(archive.read_bytes()).hexdigest()
