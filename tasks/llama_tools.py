@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -46,8 +47,16 @@ _CMAKE_OPTIONS: Final = (
 
 
 def tools_dir() -> Path:
-    """Where the built tools live: one folder per llama-cpp-python version, in Kiln's cache."""
-    return cache_dir() / "toolchain" / f"llama-tools-{llama_cpp_python_version()}"
+    """Where the built tools live: beside the llama-cpp-python they match, one folder per version.
+
+    That is the environment Kiln is installed in (`sys.prefix`: they go with the venv, like the wheel,
+    and every `KILN_CACHE_DIR` finds them), or Kiln's cache where that environment is read-only.
+    """
+    name = f"llama-tools-{llama_cpp_python_version()}"
+    prefix = Path(sys.prefix) / "share" / "kiln"
+    if os.access(prefix if prefix.exists() else Path(sys.prefix), os.W_OK):
+        return prefix / name
+    return cache_dir() / "toolchain" / name
 
 
 def llama_tool(name: ToolName) -> Path:
@@ -130,7 +139,7 @@ def build_llama_tools(sdist: Path | None = None, *, log: Path | None = None) -> 
     version = llama_cpp_python_version()
     with tempfile.TemporaryDirectory(prefix="kiln-sdist-") as download:
         archive = sdist or download_sdist(version, Path(download))
-        log = log or cache_dir() / "toolchain" / f"llama-tools-{version}.build.log"
+        log = log or root.with_name(f"{root.name}.build.log")
         with _vendored_llama_cpp(archive) as source, atomic_dir(root) as staging:
             build = staging / "build"
             generator = ["-G", "Ninja"] if shutil.which("ninja") else []

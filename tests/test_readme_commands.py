@@ -359,10 +359,12 @@ def test_readme_batch_check(tmp_path):
 
 
 def test_readme_setup_is_idempotent(toolchain, demo_model_dir):
-    """`kiln setup`: the converter source and the demo model are in the cache already, so it answers offline."""
+    """`kiln setup`: the converter source, llama.cpp's tools and the demo model are there already, so it
+    answers offline and builds nothing."""
     proc = run_kiln("setup", env={"PIP_NO_INDEX": "1", "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "converter:" in proc.stderr and "demo model:" in proc.stderr
+    assert "converter:" in proc.stderr and "llama.cpp tools:" in proc.stderr and "demo model:" in proc.stderr
+    assert "building llama.cpp" not in proc.stderr
 
 
 def _refused_for_want_of_a_deployment(proc, pool: str) -> None:
