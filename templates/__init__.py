@@ -32,6 +32,7 @@ from tasks.errors import KilnError
 
 Dialect = Literal[
     "chatml",
+    "qwen2.5",
     "qwen3thinking",
     "gemma2",
     "smollm3",
@@ -148,13 +149,23 @@ _REGISTRY: Final[dict[str, DialectTemplate]] = {
                 eos_token="<|im_end|>",
                 system="You are a helpful AI assistant named SmolLM, trained by Hugging Face",
             ),
+        ),
+    ),
+    # ChatML plus Qwen2.5's tool format. Not folded into "chatml": a TEMPLATE that reads .Tools makes
+    # Ollama report the model as tool-capable, and a ChatML model without tools (SmolLM2) is not.
+    "qwen2.5": DialectTemplate(
+        dialect="qwen2.5",
+        template_path=TEMPLATES_DIR / "qwen2.5.gotmpl",
+        default_stops=_CHATML_STOPS,
+        references=(
             ReferenceTemplate(
                 model="Qwen/Qwen2.5-7B-Instruct",
-                file_name="chatml.Qwen2.5-7B-Instruct.jinja",
+                file_name="qwen2.5.Qwen2.5-7B-Instruct.jinja",
                 eos_token="<|im_end|>",
                 system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
             ),
         ),
+        has_tools=True,
     ),
     "qwen3thinking": DialectTemplate(
         dialect="qwen3thinking",

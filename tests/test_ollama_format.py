@@ -66,24 +66,24 @@ def test_stops_are_the_models_end_tokens_never_a_token_used_inside_a_turn(
         assert any("inside an assistant turn" in w and "<think>" in w for w in derived.warnings)
 
 
-def test_tool_conversations_reach_both_engines_where_the_template_takes_tools() -> None:
-    from tasks.template_check import MESSAGE_MATRIX, check_template_text
-    from tasks.template_check.matrix import TOOL_MATRIX
+def test_tool_conversations_are_in_the_default_matrix_where_the_template_takes_tools() -> None:
+    from tasks.template_check import DEFAULT_MATRIX, MESSAGE_MATRIX, TOOL_MATRIX, check_template_text
 
-    matrix = MESSAGE_MATRIX + TOOL_MATRIX
-    smollm3 = _reference("smollm3")
-    exact = check_template_text(smollm3.read(), bos_token=smollm3.bos_token, eos_token=smollm3.eos_token,
-                                strict=False, matrix=matrix)
-    assert exact.outcome == "exact" and exact.matrix_size == len(matrix) and exact.ollama_format == "template"
-    # Qwen3's tool JSON is not what the qwen3thinking Go template writes: Ollama's Jinja path is exact instead.
-    qwen3 = _reference("qwen3thinking")
-    jinja = check_template_text(qwen3.read(), eos_token=qwen3.eos_token, strict=False, matrix=matrix)
-    assert jinja.ollama_format == "jinja" and set(jinja.mismatches) <= {c.name for c in TOOL_MATRIX}
+    assert DEFAULT_MATRIX[-len(TOOL_MATRIX):] == TOOL_MATRIX
+    # The tool-taking references stay on a verified Go TEMPLATE with the tool cases in: their dialects
+    # print tools, calls and results as the models' own templates do.
+    for name, dialect in [("smollm3", "smollm3"), ("qwen2.5.Qwen2.5", "qwen2.5"), ("qwen3thinking", "qwen3thinking"),
+                          ("llama3.Llama-3.1", "llama3"), ("mistral.Mistral-Nemo", "mistral"),
+                          ("mistralv3", "mistralv3")]:
+        ref = _reference(name)
+        check = check_template_text(ref.read(), bos_token=ref.bos_token, eos_token=ref.eos_token, strict=False)
+        assert check.matrix_size == len(DEFAULT_MATRIX), name
+        assert check.outcome == "exact" and check.ollama_format == "template" and check.dialect == dialect, name
+        assert {c.name for c in TOOL_MATRIX} - set(check.cases_skipped) and not check.mismatches, name
     # A template that takes no tools is not asked about them.
     smollm2 = _reference("chatml.SmolLM2")
-    plain = check_template_text(smollm2.read(), bos_token=smollm2.bos_token, eos_token=smollm2.eos_token,
-                                strict=False, matrix=matrix)
-    assert plain.matrix_size == len(MESSAGE_MATRIX) and plain.outcome == "exact"
+    plain = check_template_text(smollm2.read(), bos_token=smollm2.bos_token, eos_token=smollm2.eos_token, strict=False)
+    assert plain.matrix_size == len(MESSAGE_MATRIX) and plain.outcome == "exact" and plain.dialect == "chatml"
 
 
 def test_template_check_reports_the_renderer_ollama_assigns_to_the_architecture(tmp_path) -> None:
@@ -95,7 +95,7 @@ def test_template_check_reports_the_renderer_ollama_assigns_to_the_architecture(
 
     path = tmp_path / "gemma4-like.gguf"
     writer = gguf.GGUFWriter(str(path), "gemma4")
-    writer.add_chat_template(_reference("chatml.Qwen2.5").read())
+    writer.add_chat_template(_reference("qwen2.5.Qwen2.5").read())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()

@@ -19,7 +19,7 @@ import pytest
 
 import templates
 from tasks.template_check import (
-    MESSAGE_MATRIX,
+    DEFAULT_MATRIX,
     ConversationRefused,
     GoRenderer,
     GoRenderError,
@@ -33,7 +33,8 @@ REFERENCES = [
     (row.dialect, ref) for row in (templates.get_dialect(d) for d in templates.registered_dialects())
     for ref in row.references
 ]
-PAIRS = [(dialect, ref, case) for dialect, ref in REFERENCES for case in MESSAGE_MATRIX]
+# Tool conversations only where the reference takes tools (MatrixCase.applies_to).
+PAIRS = [(dialect, ref, case) for dialect, ref in REFERENCES for case in DEFAULT_MATRIX if case.applies_to(ref.read())]
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,12 @@ def outcomes(go_renderer: GoRenderer) -> dict[tuple[str, str], Outcome]:  # noqa
         jinja = compiled[ref.file_name]
         try:
             today = templates.get_dialect(dialect).fixed_date
-            jinja_side.append((jinja.render(case.messages, think=case.think, today=today), None))
+            jinja_side.append((jinja.render(case.messages, think=case.think, tools=case.tools, today=today), None))
         except ConversationRefused as exc:
             jinja_side.append((None, exc.message))
         jobs.append(GoRenderJob(
             template=templates.load_template_text(dialect), messages=case.messages,
-            system=ref.system, think=case.think,
+            system=ref.system, think=case.think, tools=case.tools,
         ))
     go_side = go_renderer.render_many(jobs)
     return {
@@ -93,13 +94,15 @@ def test_check_picks_the_dialect_and_infers_the_default_system(dialect, referenc
         renderer=go_renderer, source=reference.file_name,
     )
     assert check.dialect == dialect
-    # The matrix tells the dialects apart: exactly one matches each reference.
-    assert check.candidates == (dialect,)
+    # The matrix tells the dialects apart: exactly one matches each reference, except that qwen2.5 is
+    # ChatML plus tools, so it renders a ChatML model without tools too (chatml comes first in the table).
+    assert check.candidates == ((dialect, "qwen2.5") if dialect == "chatml" else (dialect,))
     assert check.system == reference.system
-    assert check.verified and check.cases_checked + len(check.cases_skipped) == len(MESSAGE_MATRIX)
+    applicable = [c for c in DEFAULT_MATRIX if c.applies_to(reference.read())]
+    assert check.verified and check.cases_checked + len(check.cases_skipped) == len(applicable) == check.matrix_size
     assert check.ollama_format == "template" and check.mismatches == ()
     dated = prints_today(JinjaChatTemplate(reference.read(), {"bos_token": reference.bos_token,
-                                                              "eos_token": reference.eos_token}), MESSAGE_MATRIX)
+                                                              "eos_token": reference.eos_token}), DEFAULT_MATRIX)
     assert check.outcome == ("exact-apart-from-date" if dated else "exact")
     assert (check.date_policy == "fixed") is dated
 
@@ -111,7 +114,7 @@ def test_the_new_references_are_in_the_table() -> None:
             "llama3.Llama-3.2-3B-Instruct.jinja"} <= files
     dated = [ref.file_name for _, ref in REFERENCES
              if prints_today(JinjaChatTemplate(ref.read(), {"bos_token": ref.bos_token, "eos_token": ref.eos_token}),
-                             MESSAGE_MATRIX)]
+                             DEFAULT_MATRIX)]
     assert dated == ["llama3.Llama-3.2-3B-Instruct.jinja"]
 
 
@@ -123,7 +126,7 @@ def test_verified_flags_are_exactly_the_dialects_with_references(outcomes) -> No
             compared = [o for (f, _), o in outcomes.items() if f == ref.file_name and o.jinja is not None]
             assert compared and all(o.go == o.jinja for o in compared), ref.file_name
     assert set(templates.verified_dialects()) == {
-        "chatml", "qwen3thinking", "gemma2", "smollm3", "llama3", "phi3", "mistral", "mistralv3",
+        "chatml", "qwen2.5", "qwen3thinking", "gemma2", "smollm3", "llama3", "phi3", "mistral", "mistralv3",
     }
     assert not templates.get_dialect("olmo2").verified and not templates.get_dialect("phi4mini").verified
 
@@ -133,9 +136,78 @@ def test_report_matrix(outcomes) -> None:
     refused = len(outcomes) - compared
     unverified = [d for d in templates.registered_dialects() if not templates.get_dialect(d).verified]
     print(
-        f"\nround-trip matrix: {len(MESSAGE_MATRIX)} message sets x {len(REFERENCES)} reference templates: "
+        f"\nround-trip matrix: {len(DEFAULT_MATRIX)} message sets (tool sets where the template takes tools) x "
+        f"{len(REFERENCES)} reference templates: "
         f"{compared} compared, {refused} refused by the reference\n"
         f"verified dialects: {', '.join(templates.verified_dialects())}\n"
         f"unverified dialects (no reference): {', '.join(unverified)}"
     )
     assert compared >= len(REFERENCES) * 10
+
+
+# A tool schema with what real tools carry: several properties, an enum, an array, a nested object,
+# anyOf, a parameterless tool, and arguments with nesting, numbers, booleans, null, quotes, newlines,
+# "<", ">" and "&" (which Go's json would escape and Python's does not). Properties are in sorted
+# order: Ollama hands them to a template as a Go map, which no template can visit in request order.
+_RICH_TOOLS = (
+    {"type": "function", "function": {
+        "name": "search", "description": 'Find <items> & "things" — café',
+        "parameters": {"type": "object", "properties": {
+            "filters": {"type": "object", "description": "Nested",
+                        "properties": {"a": {"type": "string"}, "b": {"type": ["integer", "null"]}}, "required": ["a"]},
+            "limit": {"type": "integer", "description": "Max results"},
+            "tags": {"type": "array", "items": {"type": "string"}, "description": "Tags"},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"], "description": "Unit"},
+            "when": {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "Date"}},
+            "required": ["limit", "unit"]}}},
+    {"type": "function", "function": {"name": "now", "description": "Time",
+                                      "parameters": {"type": "object", "properties": {}}}},
+)
+
+
+def _rich_conversation(arguments: dict) -> tuple:
+    from tasks.template_check import ChatMessage, ToolCall, ToolCallFunction
+
+    call = ChatMessage(role="assistant", content="", tool_calls=(
+        ToolCall(id="call00002", function=ToolCallFunction(name="search", arguments=arguments)),))
+    result = ChatMessage(role="tool", content='{"found": 1, "url": "a?b=1&c=<2>"}', tool_name="search",
+                         tool_call_id="call00002")
+    return (ChatMessage(role="user", content="Find it"), call, result)
+
+
+TOOL_REFERENCES = [(d, r) for d, r in REFERENCES if templates.get_dialect(d).has_tools]
+
+
+@pytest.mark.parametrize(("dialect", "reference"), TOOL_REFERENCES, ids=[r.file_name for _, r in TOOL_REFERENCES])
+def test_tool_json_prints_as_the_models_tojson(dialect, reference, go_renderer) -> None:  # noqa: F811
+    row = templates.get_dialect(dialect)
+    messages = _rich_conversation({"filters": {"a": "x", "b": None}, "limit": 5, "ok": True, "ratio": 0.5,
+                                   "tags": ["a", "b<c"], "text": 'line1\nline2 "q" & <tag>'})
+    jinja = JinjaChatTemplate(reference.read(), {"bos_token": reference.bos_token, "eos_token": reference.eos_token})
+    expected = jinja.render(messages, tools=_RICH_TOOLS, today=row.fixed_date)
+    got = go_renderer.render(GoRenderJob(
+        template=row.read_template(), messages=messages, system=reference.system, tools=_RICH_TOOLS,
+        today=row.fixed_date.isoformat() if row.fixed_date else None))
+    assert got == expected
+
+
+def test_tool_json_limit_request_order_of_properties(go_renderer) -> None:  # noqa: F811
+    # The honest limit: Ollama converts a tool's properties and a call's arguments to Go maps before the
+    # template sees them, so a Go template prints them in sorted key order; the model's Jinja keeps the
+    # request's order. Here "unit" comes before "city": the renders differ, only in that order.
+    (dialect, reference) = next((d, r) for d, r in TOOL_REFERENCES if d == "qwen2.5")
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+            "parameters": {"type": "object", "properties": {"unit": {"type": "string"}, "city": {"type": "string"}},
+                           "required": ["city"]}}}
+    messages = _rich_conversation({"unit": "c", "city": "Paris"})
+    jinja = JinjaChatTemplate(reference.read(), {"eos_token": reference.eos_token})
+    expected = jinja.render(messages, tools=(tool,))
+    got = go_renderer.render(GoRenderJob(template=templates.load_template_text(dialect), messages=messages,
+                                         system=reference.system, tools=(tool,)))
+    assert got != expected
+    assert '"properties": {"city": {"type": "string"}, "unit": {"type": "string"}}' in got
+    assert '"arguments": {"city": "Paris", "unit": "c"}' in got
+    swapped = expected.replace('"unit": {"type": "string"}, "city": {"type": "string"}',
+                               '"city": {"type": "string"}, "unit": {"type": "string"}').replace(
+        '{"unit": "c", "city": "Paris"}', '{"city": "Paris", "unit": "c"}')
+    assert got == swapped

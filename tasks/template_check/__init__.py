@@ -61,7 +61,9 @@ from tasks.template_check.gorender import (
 )
 from tasks.template_check.jinja import ConversationRefused, JinjaChatTemplate
 from tasks.template_check.matrix import (
+    DEFAULT_MATRIX,
     MESSAGE_MATRIX,
+    TOOL_MATRIX,
     ChatMessage,
     MatrixCase,
     ToolCall,
@@ -70,8 +72,10 @@ from tasks.template_check.matrix import (
 from tasks.template_check.source import ChatTemplateSource, load_chat_template
 
 __all__ = [
+    "DEFAULT_MATRIX",
     "JINJA_FALLBACK",
     "MESSAGE_MATRIX",
+    "TOOL_MATRIX",
     "NEAR_MAX_MISMATCHES",
     "CaseOutcome",
     "Comparison",

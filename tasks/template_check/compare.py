@@ -22,7 +22,7 @@ import templates
 from tasks.template_check.errors import ChatTemplateBroken
 from tasks.template_check.gorender import GoRenderer, GoRenderError, GoRenderJob
 from tasks.template_check.jinja import ConversationRefused, JinjaChatTemplate
-from tasks.template_check.matrix import MESSAGE_MATRIX, MatrixCase
+from tasks.template_check.matrix import DEFAULT_MATRIX, MatrixCase
 
 # Two clocks far from today and from each other: a template whose renders
 # differ between them prints the date.
@@ -292,7 +292,7 @@ def compare_with_dialects(
     jinja: JinjaChatTemplate,
     dialects: Sequence[str] | None = None,
     *,
-    matrix: Sequence[MatrixCase] = MESSAGE_MATRIX,
+    matrix: Sequence[MatrixCase] = DEFAULT_MATRIX,
     renderer: GoRenderer | None = None,
 ) -> Comparison:
     """Try each dialect against a compiled Jinja template.
@@ -301,6 +301,7 @@ def compare_with_dialects(
     system prompt inferred from the Jinja template; the closer of the two is kept.
     """
     renderer = renderer or GoRenderer()
+    matrix = [case for case in matrix if case.applies_to(jinja.text)]  # tool cases for templates that take tools
     names = list(dialects) if dialects is not None else list(templates.registered_dialects())
     rows = [templates.get_dialect(n) for n in names]
     today_side = _render_side(jinja, matrix, None)

@@ -30,7 +30,7 @@ from tasks.template_check.compare import (
 from tasks.template_check.errors import NoChatTemplate, NoDialectMatches
 from tasks.template_check.gorender import GoRenderer
 from tasks.template_check.jinja import JinjaChatTemplate
-from tasks.template_check.matrix import MESSAGE_MATRIX, MatrixCase
+from tasks.template_check.matrix import DEFAULT_MATRIX, MatrixCase
 from tasks.template_check.source import load_chat_template
 
 # "Exact on all but a few cases": the user may accept such a dialect's Go template with --dialect.
@@ -88,7 +88,7 @@ def check_template_text(
     strict: bool = True,
     source: str = "<text>",
     source_kind: Literal["jinja", "model_dir", "gguf"] = "jinja",
-    matrix: Sequence[MatrixCase] = MESSAGE_MATRIX,
+    matrix: Sequence[MatrixCase] = DEFAULT_MATRIX,
     renderer: GoRenderer | None = None,
 ) -> TemplateCheck:
     """`check_template` for a Jinja template given as text."""
@@ -151,7 +151,7 @@ def check_template(
     bos_token: str | None = None,
     eos_token: str | None = None,
     strict: bool = True,
-    matrix: Sequence[MatrixCase] = MESSAGE_MATRIX,
+    matrix: Sequence[MatrixCase] = DEFAULT_MATRIX,
     renderer: GoRenderer | None = None,
 ) -> TemplateCheck:
     """Match the chat template of `source` (.jinja, model folder or .gguf) with a dialect.

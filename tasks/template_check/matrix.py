@@ -128,11 +128,9 @@ _TRICKY_USER = (
 _TRICKY_ASSISTANT = 'Here they are: {{ .System }} <|im_end|> [/INST] <|eot_id|> and a quote """ too.'
 
 # Tool calls, where the model's template takes tools (MatrixCase.applies_to): a request with tools,
-# an assistant turn that calls one, the tool's answer, and the reply after it. Not yet part of
-# MESSAGE_MATRIX: with them, no Go dialect renders Qwen2.5, Qwen3, Llama 3.x or Mistral exactly
-# (their tool JSON differs), so those models would move to Ollama's Jinja path; that switch is
-# the template check's owner's call. `check_template(..., matrix=MESSAGE_MATRIX + TOOL_MATRIX)`
-# checks them today (tests/test_ollama_format.py).
+# an assistant turn that calls one, the tool's answer, and the reply after it. Part of the default
+# matrix (DEFAULT_MATRIX): the tool-taking dialects print tools, calls and results as their models'
+# templates do. The call id has 9 characters because Mistral's templates refuse any other length.
 _WEATHER_TOOL: Final[dict[str, Any]] = {
     "type": "function",
     "function": {
@@ -143,9 +141,9 @@ _WEATHER_TOOL: Final[dict[str, Any]] = {
     },
 }
 _CALL = ChatMessage(role="assistant", content="", tool_calls=(
-    ToolCall(id="call_1", function=ToolCallFunction(name="get_weather", arguments={"city": "Paris"})),))
+    ToolCall(id="call00001", function=ToolCallFunction(name="get_weather", arguments={"city": "Paris"})),))
 _RESULT = ChatMessage(role="tool", content='{"temperature": 18, "sky": "clear"}', tool_name="get_weather",
-                      tool_call_id="call_1")
+                      tool_call_id="call00001")
 _WEATHER_Q = "What is the weather in Paris?"
 TOOL_MATRIX: Final[tuple[MatrixCase, ...]] = (
     MatrixCase(name="tools-user", messages=(_user(_WEATHER_Q),), tools=(_WEATHER_TOOL,)),
@@ -201,3 +199,7 @@ MESSAGE_MATRIX: Final[tuple[MatrixCase, ...]] = (
         think=False,
     ),
 )
+
+# What check_template compares by default: every message case, plus the tool cases for
+# templates that take tools.
+DEFAULT_MATRIX: Final[tuple[MatrixCase, ...]] = MESSAGE_MATRIX + TOOL_MATRIX

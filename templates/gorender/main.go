@@ -61,7 +61,10 @@ type toolCall struct {
 	} `json:"function"`
 }
 
-// tool mirrors the JSON shape of Ollama's api.Tool.
+// tool mirrors Ollama's templateTool (template/template.go): api.Tool as a
+// template sees it. The top-level properties are a plain map (Ollama converts
+// api.ToolPropertiesMap with ToMap), so `range` and `json` visit them in
+// sorted key order; description is not omitempty there.
 type tool struct {
 	Type     string `json:"type"`
 	Items    any    `json:"items,omitempty"`
@@ -102,12 +105,98 @@ func (p propertyType) MarshalJSON() ([]byte, error) {
 	return json.Marshal([]string(p))
 }
 
+// toolProperty mirrors api.ToolProperty: the same fields in the same order
+// (JSON-schema keys it has no field for are dropped when Ollama decodes a
+// request, so no template can print them).
 type toolProperty struct {
-	Type        propertyType            `json:"type,omitempty"`
-	Items       any                     `json:"items,omitempty"`
-	Description string                  `json:"description,omitempty"`
-	Enum        []any                   `json:"enum,omitempty"`
-	Properties  map[string]toolProperty `json:"properties,omitempty"`
+	AnyOf       []toolProperty     `json:"anyOf,omitempty"`
+	Type        propertyType       `json:"type,omitempty"`
+	Items       any                `json:"items,omitempty"`
+	Description string             `json:"description,omitempty"`
+	Enum        []any              `json:"enum,omitempty"`
+	Properties  *toolPropertiesMap `json:"properties,omitempty"`
+	Required    []string           `json:"required,omitempty"`
+}
+
+// toolPropertiesMap mirrors api.ToolPropertiesMap, the nested properties of
+// a property: kept in the request's order (JSON), with a ToMap method that
+// templates can range over (sorted, as any Go map).
+type toolPropertiesMap struct {
+	keys   []string
+	values map[string]toolProperty
+}
+
+func (t *toolPropertiesMap) ToMap() map[string]toolProperty {
+	if t == nil || t.values == nil {
+		return nil
+	}
+	out := make(map[string]toolProperty, len(t.values))
+	for k, v := range t.values {
+		out[k] = v
+	}
+	return out
+}
+
+func (t *toolPropertiesMap) Len() int {
+	if t == nil {
+		return 0
+	}
+	return len(t.keys)
+}
+
+func (t toolPropertiesMap) MarshalJSON() ([]byte, error) {
+	if t.values == nil {
+		return []byte("null"), nil
+	}
+	var b bytes.Buffer
+	b.WriteByte('{')
+	for i, k := range t.keys {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		key, err := json.Marshal(k)
+		if err != nil {
+			return nil, err
+		}
+		val, err := json.Marshal(t.values[k])
+		if err != nil {
+			return nil, err
+		}
+		b.Write(key)
+		b.WriteByte(':')
+		b.Write(val)
+	}
+	b.WriteByte('}')
+	return b.Bytes(), nil
+}
+
+func (t *toolPropertiesMap) UnmarshalJSON(data []byte) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '{' {
+		return fmt.Errorf("properties must be a JSON object")
+	}
+	t.keys, t.values = nil, map[string]toolProperty{}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return err
+		}
+		key, _ := tok.(string)
+		var value toolProperty
+		if err := dec.Decode(&value); err != nil {
+			return err
+		}
+		if _, seen := t.values[key]; !seen {
+			t.keys = append(t.keys, key)
+		}
+		t.values[key] = value
+	}
+	_, err = dec.Token()
+	return err
 }
 
 // job is one render request: a TEMPLATE plus what /api/chat would receive.
@@ -200,40 +289,42 @@ func funcs(today time.Time) template.FuncMap {
 	}
 }
 
-// typeScriptType names a JSON-schema property as a TypeScript type, the way
-// Ollama's api.ToolProperty.ToTypeScriptType does for the common cases.
+// typeScriptType is api.ToolProperty.ToTypeScriptType.
 func typeScriptType(p toolProperty) string {
-	if len(p.Enum) > 0 {
-		parts := make([]string, 0, len(p.Enum))
-		for _, e := range p.Enum {
-			b, _ := json.Marshal(e)
-			parts = append(parts, string(b))
+	if len(p.AnyOf) > 0 {
+		var types []string
+		for _, anyOf := range p.AnyOf {
+			types = append(types, typeScriptType(anyOf))
 		}
-		return strings.Join(parts, " | ")
+		return strings.Join(types, " | ")
 	}
 	if len(p.Type) == 0 {
 		return "any"
 	}
-	parts := make([]string, 0, len(p.Type))
+	types := make([]string, 0, len(p.Type))
 	for _, t := range p.Type {
-		switch t {
-		case "string":
-			parts = append(parts, "string")
-		case "number", "integer":
-			parts = append(parts, "number")
-		case "boolean":
-			parts = append(parts, "boolean")
-		case "array":
-			parts = append(parts, "any[]")
-		case "object":
-			parts = append(parts, "object")
-		case "null":
-			parts = append(parts, "null")
-		default:
-			parts = append(parts, "any")
-		}
+		types = append(types, typeScriptName(t))
 	}
-	return strings.Join(parts, " | ")
+	return strings.Join(types, " | ")
+}
+
+func typeScriptName(jsonType string) string {
+	switch jsonType {
+	case "string":
+		return "string"
+	case "number", "integer":
+		return "number"
+	case "boolean":
+		return "boolean"
+	case "array":
+		return "any[]"
+	case "object":
+		return "Record<string, any>"
+	case "null":
+		return "null"
+	default:
+		return "any"
+	}
 }
 
 // identifiers lists the field and variable names a template mentions,
