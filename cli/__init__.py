@@ -50,8 +50,10 @@ def preflight_before_prefect(request) -> None:
     """
     from tasks.fetch import locate_metadata, source_ref
     from tasks.preflight import check_request, run_preflight
+    from tasks.recipe import check_recipe_request
     from tasks.toolchain import current_toolchain
 
+    check_recipe_request(request)  # the file alone; its rows against the tensors once the flow has the model
     ref = source_ref(request)
     check_request(request, ref)
     folder, _ = locate_metadata(ref)
@@ -146,6 +148,10 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Comma-separated quant types, e.g. q4_k_m,q8_0; or `auto` with --max-size / --max-kl.")
 @click.option("--max-size", help="With --quant auto: the largest acceptable file, e.g. 500MB.")
 @click.option("--max-kl", type=float, help="With --quant auto: the largest acceptable mean KL divergence from f16.")
+@click.option("--recipe", help="A per-tensor recipe file (YAML: tensor-name regex → ggml type, output and "
+                                "token-embedding types) for every quant type; outputs are labelled TYPE-RECIPE.")
+@click.option("--search-budget", help="With --quant auto: stop searching after this long (e.g. 10m, 90s) and export "
+                                      "the best candidate measured so far.")
 @export_options
 @fail_cleanly
 @click.option("--placement", type=click.Choice(["local", "cpu", "gpu"]), default="local", show_default=True,
@@ -164,7 +170,8 @@ def export_command(source: str, quants: str, out_dir: Path | None, outtype: str 
                    no_verify: bool, accept_license: bool, force: bool, dialect: str | None, no_report: bool,
                    ollama_name: str | None, as_json: bool, resolve_revision: bool, allow_pickle: bool,
                    trust_remote_code: bool, max_size: str | None, max_kl: float | None, placement: str,
-                   adapter: str | None, adapter_mode: str, allow_requantize: bool) -> None:
+                   adapter: str | None, adapter_mode: str, allow_requantize: bool,
+                   recipe: str | None = None, search_budget: str | None = None) -> None:
     """Export SOURCE to GGUF: a registry key, a local Hugging Face folder or GGUF file,
     hf:ORG/NAME@SHA, hf:ORG/NAME@SHA#PATTERN.gguf (a prebuilt GGUF), or `demo`."""
     request = build_request(
@@ -173,6 +180,7 @@ def export_command(source: str, quants: str, out_dir: Path | None, outtype: str 
         ollama_name=ollama_name, resolve_revision=resolve_revision, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, report=not no_report, max_size=max_size, max_kl=max_kl,
         placement=placement, adapter=adapter, adapter_mode=adapter_mode, allow_requantize=allow_requantize,
+        recipe=recipe, search_budget=search_budget,
     )
     run_export_command(request, as_json, force)
 

@@ -43,6 +43,7 @@ from tasks.files import content_key
 from tasks.memory import quant_job_memory
 from tasks.progress import progress_reporter
 from tasks.quantize import quantize_gguf
+from tasks.recipe import check_recipe_against, load_recipe, quant_label
 from tasks.toolchain import Toolchain, current_toolchain
 
 FLOW_NAME = "convert-quantize"
@@ -148,6 +149,18 @@ def convert_and_quantize(
     todo = [q for q in request.quants if q != base_label]
     if not todo:
         return results
+    recipe = load_recipe(request.recipe) if request.recipe else None
+    if recipe is not None:
+        check_recipe_against(recipe, base, f"recipe {request.recipe}")  # the first moment the tensor names are known
+    quant_kwargs: dict[str, Any] = {"recipe": recipe} if recipe is not None else {}
+
+    def label(quant: str) -> str:
+        return quant_label(quant, False, recipe)
+
+    def cache_path(quant: str) -> Path:
+        # A recipe's quantization is a cache entry of its own, named by what the recipe does.
+        variant = quant if recipe is None else f"{label(quant)}-{recipe.sha256[:12]}"
+        return gguf_cache_path(key, variant, toolchain)
     per_job = quant_job_memory(base, config)
     budget = quant_memory_budget()
     workers, threads = quant_parallelism(len(todo), per_job, budget, parallel)
@@ -162,18 +175,18 @@ def convert_and_quantize(
         path = future.result()
         if _was_cached(future.state) and not cache_entry_intact(path):
             logger.warning("cached %s quantization %s is gone or changed since stamped; quantizing again", quant, path.name)
-            path = task.with_options(refresh_cache=True)(base, gguf_cache_path(key, quant, toolchain), quant, threads,
-                                                         workers)
+            path = task.with_options(refresh_cache=True)(base, cache_path(quant), quant, threads, workers,
+                                                         **quant_kwargs)
         results[quant] = path
         done += 1
         progress(done / len(todo))
 
     # All submitted at once; inside, `workers` run libllama together (the memory budget), the rest wait.
-    running = [(quant, task.submit(base, gguf_cache_path(key, quant, toolchain), quant, threads, workers))
+    running = [(quant, task.submit(base, cache_path(quant), quant, threads, workers, **quant_kwargs))
                for quant in todo]
     for quant, future in running:
         finish(quant, future)
-    return {q: results[q] for q in [base_label, *todo]}
+    return {base_label: base, **{label(q): results[q] for q in todo}}
 
 
 def accelerators() -> dict[str, bool]:

@@ -38,6 +38,7 @@ from tasks.manifest import (
     request_key,
     write_manifest,
 )
+from tasks.recipe import applied as applied_recipe
 from tasks.outputs import place_outputs, record_output, ship_adapter_lora
 from tasks.toolchain import Toolchain, current_toolchain
 
@@ -193,6 +194,7 @@ def run_export(request: ExportRequest) -> Manifest:
         ollama=ollama,
         report=quant_report,
         choice=choice,
+        recipe=applied_recipe(request.recipe) if request.recipe else None,
     )
     write_manifest(out_dir, manifest)
     publish_summary(manifest, report_files.get("plot"))
@@ -202,24 +204,43 @@ def run_export(request: ExportRequest) -> Manifest:
 def choose_quant_by_measuring(
     source: ResolvedSource, request: ExportRequest, toolchain: Toolchain, adapter: AdapterInfo | None
 ) -> tuple[ExportRequest, QuantChoice, QuantReport]:
-    """`--quant auto`: quantize the candidates, measure them against the float GGUF, keep the best within bounds.
+    """`--quant auto`: search the candidates against the float GGUF (tasks/report/search.py), keep the best within bounds.
 
-    The cost is visible: every candidate is quantized and measured once (their
-    times are in the report), then only the chosen type is exported.
+    The cost is visible: every candidate is quantized and measured once (their times are in the
+    report), then only the chosen one is exported, with its recipe and matrix.
     """
     import tempfile
 
     from tasks.files import cache_dir
-    from tasks.report import AUTO_CANDIDATES, choose_quant, measure_candidates
-    from tasks.units import parse_size
+    from tasks.recipe import builtin_recipes, load_recipe
+    from tasks.report.search import search_quants
+    from tasks.units import parse_duration, parse_size
 
     base_only = request.model_copy(update={"quants": []})
     float_gguf = next(iter(run_placed(source, base_only, toolchain, adapter).values()))
+    recipes = builtin_recipes() + ([(Path(request.recipe), load_recipe(request.recipe))] if request.recipe else [])
+    matrix = search_imatrix(request, float_gguf, toolchain)
     with tempfile.TemporaryDirectory(prefix="kiln-auto-", dir=cache_dir()) as work:
-        measured, _ = measure_candidates(float_gguf, Path(work), AUTO_CANDIDATES)
-    choice = choose_quant(measured, parse_size(request.max_size) if request.max_size else None, request.max_kl)
+        measured, choice, chosen = search_quants(
+            float_gguf, Path(work), parse_size(request.max_size) if request.max_size else None, request.max_kl,
+            recipes=recipes, imatrix=matrix,
+            budget_seconds=parse_duration(request.search_budget) if request.search_budget else None,
+            on_progress=get_run_logger().info)
     get_run_logger().info("--quant auto chose %s: %s", choice.quant, choice.reason)
-    return request.model_copy(update={"quants": [choice.quant]}), choice, measured
+    update: dict = {"quants": [chosen.quant], "recipe": chosen.recipe_path}
+    if "imatrix" in ExportRequest.model_fields and not chosen.imatrix:
+        update["imatrix"] = None  # the search measured the matrix; the winner does without it
+    return request.model_copy(update=update), choice, measured
+
+
+def search_imatrix(request: ExportRequest, float_gguf: Path, toolchain: Toolchain) -> Path | None:
+    """The importance matrix the search's variants use: only the one the user asked for (--imatrix)."""
+    spec = getattr(request, "imatrix", None)
+    if spec is None:
+        return None
+    from tasks.imatrix import resolve_imatrix
+
+    return Path(resolve_imatrix(spec, float_gguf, toolchain.cache_key).path)
 
 
 def licence_line(ref: SourceRef) -> str | None:

@@ -18,6 +18,7 @@ from pydantic import (
     model_validator,
 )
 
+from tasks.recipe import AppliedRecipe
 from tasks.toolchain import Toolchain
 
 QUANT_NAME_RE = re.compile(r"^[a-z0-9_]+$")
@@ -94,6 +95,20 @@ class ExportRequest(BaseModel):
     max_kl: float | None = Field(None, gt=0, title="Max KL",
                                  description="With quants [auto]: the largest acceptable mean KL divergence from f16.")
 
+    recipe: str | None = Field(
+        None, title="Recipe",
+        description=(
+            "A per-tensor recipe file (YAML: tensor-name regex → ggml type, output and token-embedding types, as "
+            "llama-quantize's --tensor-type) applied to every quant type; outputs are labelled TYPE-RECIPE and the "
+            "recipe is recorded in the manifest. With quants [auto]: one more candidate of the search."
+        ),
+    )
+    search_budget: str | None = Field(
+        None, title="Search budget",
+        description="With quants [auto]: stop the search after this long (e.g. 10m, 90s) and export the best "
+                    "candidate measured so far.",
+    )
+
     @model_validator(mode="after")
     def _auto_needs_a_bound(self) -> ExportRequest:
         if "auto" in self.quants:
@@ -103,6 +118,8 @@ class ExportRequest(BaseModel):
                 raise ValueError("quants [auto] needs a bound to choose by: max_size (e.g. 500MB) or max_kl (e.g. 0.05)")
         elif self.max_size is not None or self.max_kl is not None:
             raise ValueError("max_size and max_kl only apply to quants [auto]")
+        elif self.search_budget is not None:
+            raise ValueError("search_budget only applies to quants [auto] (it bounds the search's time)")
         if self.max_size is not None:
             from tasks.errors import KilnError
             from tasks.units import parse_size
@@ -111,6 +128,27 @@ class ExportRequest(BaseModel):
                 parse_size(self.max_size)
             except KilnError as exc:
                 raise ValueError(f"max_size: {exc}") from None
+        return self
+
+    @field_validator("search_budget")
+    @classmethod
+    def _budget_is_a_duration(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from tasks.errors import KilnError
+        from tasks.units import parse_duration
+
+        try:
+            parse_duration(value)
+        except KilnError as exc:
+            raise ValueError(f"search_budget: {exc}") from None
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _recipe_needs_a_quantized_type(self) -> ExportRequest:
+        if self.recipe is not None and not [q for q in self.quants if q not in ("f32", "f16", "bf16")]:
+            raise ValueError("recipe: a recipe sets the types of a quantization; give a quant type (e.g. q4_k_m) "
+                             "or auto with it")
         return self
 
     @field_validator("ollama_name")
@@ -126,7 +164,7 @@ class ExportRequest(BaseModel):
                 raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("source", "out_dir", "dialect")
+    @field_validator("source", "out_dir", "dialect", "recipe")
     @classmethod
     def _plain_text(cls, value: str | None, info: ValidationInfo) -> str | None:
         # "" would mean the current folder; a NUL or newline is no path or name anyone means.
@@ -270,6 +308,12 @@ class QuantChoice(BaseModel):
     max_kl: float | None = None
     considered: list[str]
     rejected: dict[str, str] = Field(default_factory=dict, description="quant → why it was not chosen")
+    candidates: dict[str, str] = Field(
+        default_factory=dict, description="label → what the candidate is (type, importance matrix, recipe)")
+    unmeasured: list[str] = Field(
+        default_factory=list, description="candidates the search budget left unmeasured (--search-budget)")
+    budget_seconds: float | None = Field(None, description="--search-budget, in seconds")
+    search_seconds: float | None = Field(None, description="time the search took: quantizing and measuring")
 
 
 class OllamaModel(BaseModel):
@@ -341,3 +385,5 @@ class Manifest(BaseModel):
     ollama: OllamaPlan | None = None
     report: QuantReport | None = Field(None, description="Quality, size and speed of each quant type against f16.")
     choice: QuantChoice | None = Field(None, description="What `--quant auto` picked, and why.")
+    recipe: AppliedRecipe | None = Field(
+        None, description="The per-tensor recipe the quantizations used (--recipe, or the one --quant auto chose).")

@@ -36,12 +36,18 @@ def request_key(request: ExportRequest, files: list[SourceFile], toolchain: Tool
 
 
 def inputs_beyond_source(request: ExportRequest) -> str:
-    """What else decides the outputs besides the source files: the adapter's identity."""
-    if not request.adapter:
-        return ""
-    from tasks.adapter import adapter_identity
+    """What else decides the outputs besides the source files: the adapter's identity, the recipe's content."""
+    extra = []
+    if request.adapter:
+        from tasks.adapter import adapter_identity
 
-    return f"adapter:{adapter_identity(Path(request.adapter))}"
+        extra.append(f"adapter:{adapter_identity(Path(request.adapter))}")
+    if request.recipe:
+        from tasks.recipe import load_recipe
+
+        recipe = load_recipe(request.recipe)  # a recipe edited since the last export makes other files
+        extra.append(f"recipe:{recipe.name}:{recipe.sha256}")
+    return " ".join(extra)
 
 
 def now_iso() -> str:

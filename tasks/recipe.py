@@ -276,3 +276,15 @@ def check_recipe_against(recipe: Recipe, gguf_path: Path, where: str = "") -> No
                                 f"({_examples(hits, 3)}; the first match wins); remove or reorder it")
         raise RecipeInvalid(f"{label}: {shown} only matches tensors llama.cpp never quantizes "
                             f"({_examples(hits, 3)}); fix the pattern")
+
+
+def check_recipe_request(request: Any) -> Recipe | None:
+    """What the request alone shows about its recipe (the file, types that need a matrix); None without one."""
+    if request.recipe is None:
+        return None
+    recipe = load_recipe(request.recipe)
+    starved = recipe.needs_imatrix()
+    if starved and getattr(request, "imatrix", None) is None:
+        raise RecipeInvalid(f"{request.recipe}: row(s) {', '.join(starved)} need an importance matrix, which "
+                            "llama-quantize requires for those types; add --imatrix auto, or use q2_k/q3_k or larger")
+    return recipe

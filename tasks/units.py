@@ -1,4 +1,4 @@
-"""Sizes as people write them: `500MB`, `1.5GB`, `800MiB`."""
+"""Sizes and durations as people write them: `500MB`, `1.5GB`, `800MiB`; `90s`, `10m`, `1h30m`."""
 
 from __future__ import annotations
 
@@ -26,3 +26,19 @@ def human_size(n: int | float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{int(n)} B"
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str) -> float:
+    """`90`, `90s`, `10m`, `1h30m` → seconds (more than zero)."""
+    raw = str(text).strip().lower().replace(" ", "")
+    match = _DURATION.match(raw) if raw else None
+    if not match or not any(match.groups()):
+        raise KilnError(f"cannot read {text!r} as a duration; write it like 90s, 10m or 1h30m")
+    h, m, s = (float(g) if g else 0.0 for g in match.groups())
+    seconds = h * 3600 + m * 60 + s
+    if seconds <= 0:
+        raise KilnError(f"a duration of {text!r} is no time at all; give more than zero, e.g. 10m")
+    return seconds

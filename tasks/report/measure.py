@@ -409,6 +409,157 @@ def check_report_memory(reference: Path, n_vocab: int, n_ctx: int, n_chunks: int
         )
 
 
+class Measurement:
+    """The reference measured once, then any number of quantized GGUFs one at a time (`add`).
+
+    `measure_quants` measures a fixed set; `--quant auto`'s search adds candidates as it makes them,
+    and can stop between any two (its time budget) with a report of what it has.
+    """
+
+    def __init__(
+        self,
+        f16_path: Path,
+        eval_text_path: Path | None = None,
+        chat_prompts: Sequence[str] | None = None,
+        n_threads: int | None = None,
+        *,
+        reference_name: str = "f16",
+        n_ctx: int = DEFAULT_N_CTX,
+        n_chunks: int = DEFAULT_N_CHUNKS,
+        gen_tokens: int = DEFAULT_GEN_TOKENS,
+        render_chat: bool = True,
+        on_progress: Callable[[str], None] | None = None,
+    ) -> None:
+        if n_ctx < 8 or n_ctx % 2:
+            raise ReportError(f"n_ctx must be an even number of at least 8, not {n_ctx}")
+        self.f16_path = Path(f16_path)
+        self.eval_path = Path(eval_text_path) if eval_text_path else DEFAULT_EVAL_TEXT
+        if not self.eval_path.is_file():
+            raise ReportError(f"evaluation text {self.eval_path} not found")
+        if not self.f16_path.is_file():
+            raise ReportError(f"cannot measure {reference_name}: {self.f16_path} does not exist")
+        self.text = self.eval_path.read_text(encoding="utf-8")
+        self.threads = n_threads or default_threads()
+        self.prompts = list(DEFAULT_CHAT_PROMPTS if chat_prompts is None else chat_prompts)
+        self.say = on_progress or (lambda _msg: None)
+        self.reference_name = reference_name
+        self.n_ctx, self.n_chunks, self.gen_tokens, self.render_chat = n_ctx, n_chunks, gen_tokens, render_chat
+        try:
+            self.load_at_start = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            self.load_at_start = 0.0
+        self.ref = _Reference()
+        self.rows: list[QuantMetrics] = []
+        self.chunks: list[list[int]] = []
+        self.timing_prompt: list[int] = []
+        self.rendered: list[list[int]] = []
+        self.ref_vocab = 0
+        self._measure(reference_name, self.f16_path, None, is_ref=True)
+
+    def add(self, name: str, path: Path, quantize_seconds: float | None = None) -> QuantMetrics:
+        path = Path(path)
+        if not path.is_file():
+            raise ReportError(f"cannot measure {name}: {path} does not exist")
+        return self._measure(name, path, quantize_seconds, is_ref=False)
+
+    def _measure(self, name: str, path: Path, quantize_seconds: float | None, is_ref: bool) -> QuantMetrics:
+        ref, n_ctx, gen_tokens = self.ref, self.n_ctx, self.gen_tokens
+        self.say(f"measuring {name} ({path.name})")
+        t0 = time.perf_counter()
+        runner = _Runner(path, n_ctx, self.threads)
+        try:
+            if is_ref:
+                check_report_memory(path, runner.n_vocab, n_ctx, self.n_chunks, len(self.prompts), gen_tokens)
+                self.chunks = _text_chunks(runner, self.text, n_ctx, self.n_chunks)
+                self.rendered = _render_chat(runner, self.prompts, self.render_chat)
+                self.ref_vocab = runner.n_vocab
+                longest = max((len(p) for p in self.rendered), default=0)
+                if longest + gen_tokens > runner.n_ctx:
+                    raise ReportError(
+                        f"a chat prompt of {longest} tokens plus {gen_tokens} answer tokens does not fit "
+                        f"in the context of {runner.n_ctx}; shorten the prompt or raise n_ctx"
+                    )
+                self.timing_prompt = self.rendered[0] if self.rendered else self.chunks[0][: max(1, n_ctx // 16)]
+            elif runner.n_vocab != self.ref_vocab:
+                raise ReportError(
+                    f"{name} ({path.name}) has a vocabulary of {runner.n_vocab} tokens, {self.reference_name} "
+                    f"{self.ref_vocab}: they are not the same model"
+                )
+            text_s, pp_tps = _score_text(runner, self.chunks, ref, is_ref)
+            if is_ref:
+                # Generation speed on the first chat prompt; that greedy run is also f16's answer to it.
+                generated, gen_tps = _gen_speed(runner, self.timing_prompt, gen_tokens)
+                # f16's greedy answers: the teacher-forced targets of every model's chat score.
+                for p, prompt in enumerate(self.rendered):
+                    answer = (_answer_until_eog(runner, generated) if p == 0
+                              else runner.generate(prompt, gen_tokens, stop_at_eog=True)[0])
+                    if answer:
+                        ref.chat_sequences.append((prompt + answer, len(prompt)))
+                chat_s, _ = _score_chat(runner, ref, is_ref)
+            else:
+                chat_s, next_token = _score_chat(runner, ref, is_ref)
+                if next_token is not None:
+                    # Continue after the last chat sequence: no second prompt decode for the timing.
+                    gen_tps = _continue_speed(runner, len(ref.chat_sequences[-1][0]), next_token, gen_tokens)
+                else:
+                    gen_tps = _gen_speed(runner, self.timing_prompt, gen_tokens)[1]
+            model_bytes, n_params = runner.size_stats()
+        finally:
+            runner.close()
+        kl, same, nll = text_s.cat()
+        ckl, csame, _ = chat_s.cat()
+        ppl = float(math.exp(nll.mean())) if len(nll) else float("nan")
+        if is_ref:
+            ref.ppl = ppl
+        row = QuantMetrics(
+            quant=name,
+            file=path.name,
+            is_reference=is_ref,
+            size_bytes=path.stat().st_size,
+            n_params=n_params,
+            bits_per_weight=round(model_bytes * 8 / n_params, 4) if n_params else 0.0,
+            kl_mean=float(kl.mean()) if len(kl) else 0.0,
+            kl_p99=float(np.percentile(kl, 99)) if len(kl) else 0.0,
+            kl_max=float(kl.max()) if len(kl) else 0.0,
+            top1_agreement=float(same.mean()) if len(same) else 1.0,
+            ppl=ppl,
+            ppl_ratio=ppl / ref.ppl if ref.ppl and not math.isnan(ref.ppl) else float("nan"),
+            chat_kl_mean=float(ckl.mean()) if len(ckl) else None,
+            chat_top1_agreement=float(csame.mean()) if len(csame) else None,
+            prompt_tps=round(pp_tps, 2),
+            gen_tps=round(gen_tps, 2),
+            eval_seconds=round(time.perf_counter() - t0, 3),
+            quantize_seconds=quantize_seconds,
+        )
+        self.rows.append(row)
+        return row
+
+    def report(self) -> QuantReport:
+        """Everything measured so far."""
+        import llama_cpp
+
+        ref, n_ctx = self.ref, self.n_ctx
+        chat_tokens = sum(len(seq) - start for seq, start in ref.chat_sequences)
+        q_times = [r.quantize_seconds for r in self.rows if r.quantize_seconds is not None]
+        return QuantReport(
+            reference=self.reference_name,
+            eval_text=self.eval_path.name,
+            eval_text_sha256=sha256_file(self.eval_path),
+            n_ctx=n_ctx,
+            n_chunks=len(self.chunks),
+            scored_tokens=len(self.chunks) * (n_ctx - 1 - n_ctx // 2),
+            chat_prompts=len(ref.chat_sequences),
+            chat_tokens=chat_tokens,
+            n_threads=self.threads,
+            load_average=round(self.load_at_start, 2),
+            machine=_machine(),
+            llama_cpp_python=getattr(llama_cpp, "__version__", "unknown"),
+            measure_seconds=round(sum(r.eval_seconds for r in self.rows), 3),
+            quantize_seconds=round(sum(q_times), 3) if q_times else None,
+            rows=list(self.rows),
+        )
+
+
 @step(name="report")
 def measure_quants(
     f16_path: Path,
@@ -431,122 +582,17 @@ def measure_quants(
     already-rendered prompt texts); None: `DEFAULT_CHAT_PROMPTS`; an empty list skips chat scoring.
     `n_ctx` must be even; `n_chunks` chunks of `n_ctx` tokens are scored (fewer if the text is short).
     """
-    import llama_cpp
-
     if n_ctx < 8 or n_ctx % 2:
         raise ReportError(f"n_ctx must be an even number of at least 8, not {n_ctx}")
-    f16_path = Path(f16_path)
-    eval_path = Path(eval_text_path) if eval_text_path else DEFAULT_EVAL_TEXT
-    if not eval_path.is_file():
-        raise ReportError(f"evaluation text {eval_path} not found")
     for name, path in {reference_name: f16_path, **quant_paths}.items():
         if not Path(path).is_file():
             raise ReportError(f"cannot measure {name}: {path} does not exist")
-    text = eval_path.read_text(encoding="utf-8")
-    threads = n_threads or default_threads()
-    prompts = list(DEFAULT_CHAT_PROMPTS if chat_prompts is None else chat_prompts)
-    say = on_progress or (lambda _msg: None)
-    started = time.perf_counter()
-    try:
-        load_at_start = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load_at_start = 0.0
-
-    ref = _Reference()
-    rows: list[QuantMetrics] = []
-    chunks: list[list[int]] = []
-    timing_prompt: list[int] = []
-    rendered: list[list[int]] = []
-    ref_vocab = 0
-    for name, path in [(reference_name, f16_path), *quant_paths.items()]:
-        path = Path(path)
-        is_ref = name == reference_name and path == f16_path
-        say(f"measuring {name} ({path.name})")
-        t0 = time.perf_counter()
-        runner = _Runner(path, n_ctx, threads)
-        try:
-            if is_ref:
-                check_report_memory(path, runner.n_vocab, n_ctx, n_chunks, len(prompts), gen_tokens)
-                chunks = _text_chunks(runner, text, n_ctx, n_chunks)
-                rendered = _render_chat(runner, prompts, render_chat)
-                ref_vocab = runner.n_vocab
-                longest = max((len(p) for p in rendered), default=0)
-                if longest + gen_tokens > runner.n_ctx:
-                    raise ReportError(
-                        f"a chat prompt of {longest} tokens plus {gen_tokens} answer tokens does not fit "
-                        f"in the context of {runner.n_ctx}; shorten the prompt or raise n_ctx"
-                    )
-                timing_prompt = rendered[0] if rendered else chunks[0][: max(1, n_ctx // 16)]
-            elif runner.n_vocab != ref_vocab:
-                raise ReportError(
-                    f"{name} ({path.name}) has a vocabulary of {runner.n_vocab} tokens, {reference_name} "
-                    f"{ref_vocab}: they are not the same model"
-                )
-            text_s, pp_tps = _score_text(runner, chunks, ref, is_ref)
-            if is_ref:
-                # Generation speed on the first chat prompt; that greedy run is also f16's answer to it.
-                generated, gen_tps = _gen_speed(runner, timing_prompt, gen_tokens)
-                # f16's greedy answers: the teacher-forced targets of every model's chat score.
-                for p, prompt in enumerate(rendered):
-                    answer = (_answer_until_eog(runner, generated) if p == 0
-                              else runner.generate(prompt, gen_tokens, stop_at_eog=True)[0])
-                    if answer:
-                        ref.chat_sequences.append((prompt + answer, len(prompt)))
-                chat_s, _ = _score_chat(runner, ref, is_ref)
-            else:
-                chat_s, next_token = _score_chat(runner, ref, is_ref)
-                if next_token is not None:
-                    # Continue after the last chat sequence: no second prompt decode for the timing.
-                    gen_tps = _continue_speed(runner, len(ref.chat_sequences[-1][0]), next_token, gen_tokens)
-                else:
-                    gen_tps = _gen_speed(runner, timing_prompt, gen_tokens)[1]
-            model_bytes, n_params = runner.size_stats()
-        finally:
-            runner.close()
-        kl, same, nll = text_s.cat()
-        ckl, csame, _ = chat_s.cat()
-        ppl = float(math.exp(nll.mean())) if len(nll) else float("nan")
-        if is_ref:
-            ref.ppl = ppl
-        rows.append(QuantMetrics(
-            quant=name,
-            file=path.name,
-            is_reference=is_ref,
-            size_bytes=path.stat().st_size,
-            n_params=n_params,
-            bits_per_weight=round(model_bytes * 8 / n_params, 4) if n_params else 0.0,
-            kl_mean=float(kl.mean()) if len(kl) else 0.0,
-            kl_p99=float(np.percentile(kl, 99)) if len(kl) else 0.0,
-            kl_max=float(kl.max()) if len(kl) else 0.0,
-            top1_agreement=float(same.mean()) if len(same) else 1.0,
-            ppl=ppl,
-            ppl_ratio=ppl / ref.ppl if ref.ppl and not math.isnan(ref.ppl) else float("nan"),
-            chat_kl_mean=float(ckl.mean()) if len(ckl) else None,
-            chat_top1_agreement=float(csame.mean()) if len(csame) else None,
-            prompt_tps=round(pp_tps, 2),
-            gen_tps=round(gen_tps, 2),
-            eval_seconds=round(time.perf_counter() - t0, 3),
-            quantize_seconds=(quantize_seconds or {}).get(name),
-        ))
-    chat_tokens = sum(len(seq) - start for seq, start in ref.chat_sequences)
-    q_total = sum(quantize_seconds.values()) if quantize_seconds else None
-    return QuantReport(
-        reference=reference_name,
-        eval_text=eval_path.name,
-        eval_text_sha256=sha256_file(eval_path),
-        n_ctx=n_ctx,
-        n_chunks=len(chunks),
-        scored_tokens=len(chunks) * (n_ctx - 1 - n_ctx // 2),
-        chat_prompts=len(ref.chat_sequences),
-        chat_tokens=chat_tokens,
-        n_threads=threads,
-        load_average=round(load_at_start, 2),
-        machine=_machine(),
-        llama_cpp_python=getattr(llama_cpp, "__version__", "unknown"),
-        measure_seconds=round(time.perf_counter() - started, 3),
-        quantize_seconds=round(q_total, 3) if q_total is not None else None,
-        rows=rows,
-    )
+    measurement = Measurement(f16_path, eval_text_path, chat_prompts, n_threads, reference_name=reference_name,
+                              n_ctx=n_ctx, n_chunks=n_chunks, gen_tokens=gen_tokens, render_chat=render_chat,
+                              on_progress=on_progress)
+    for name, path in quant_paths.items():
+        measurement.add(name, path, (quantize_seconds or {}).get(name))
+    return measurement.report()
 
 
 def measure_candidates(

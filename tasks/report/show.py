@@ -58,7 +58,45 @@ def report_markdown(report: QuantReport, choice: QuantChoice | None = None) -> s
     text = "### Quant types: quality, size, speed\n\n" + "\n".join(lines) + "\n\n" + _footer(report) + "\n"
     if choice is not None:
         text += f"\n**Chosen: {choice.quant}.** {choice.reason}.\n"
+        if choice.candidates:
+            text += "\n" + search_markdown(report, choice)
     return text
+
+
+def verdict(report: QuantReport, choice: QuantChoice, label: str) -> str:
+    """Why a candidate of the search was or was not chosen, in a few words."""
+    if label == choice.quant:
+        return "**chosen**"
+    if label in choice.unmeasured:
+        return "not measured: the search budget ran out"
+    if label in choice.rejected:
+        return choice.rejected[label]
+    try:
+        row = report.row(label)
+    except KeyError:
+        return "not measured"
+    if choice.max_size_bytes is not None:  # the lowest KL within the bounds wins
+        return f"within the bound, but KL {row.kl_mean:.4f} > {choice.kl_mean:.4f}"
+    return f"within the bound, but {human_size(row.size_bytes)} > {human_size(choice.size_bytes)}"
+
+
+def search_markdown(report: QuantReport, choice: QuantChoice) -> str:
+    """Every candidate `--quant auto` considered, what it is, and why it lost (or won)."""
+    lines = ["### Search: every candidate", "", "| candidate | what it is | size | KL mean | verdict |",
+             "| --- | --- | ---: | ---: | --- |"]
+    for label, what in choice.candidates.items():
+        try:
+            row = report.row(label)
+            size, kl = human_size(row.size_bytes), f"{row.kl_mean:.4f}"
+        except KeyError:
+            size = kl = "–"
+        lines.append(f"| {label} | {what} | {size} | {kl} | {verdict(report, choice, label)} |")
+    took = f" in {choice.search_seconds:.0f} s" if choice.search_seconds is not None else ""
+    lines += ["", f"{len(choice.candidates)} candidate(s){took}"
+              + (f"; budget {choice.budget_seconds:g} s" if choice.budget_seconds else "")
+              + (f"; **the search was cut short**: {len(choice.unmeasured)} candidate(s) not measured, the chosen "
+                 "one is the best so far" if choice.unmeasured else "") + "."]
+    return "\n".join(lines) + "\n"
 
 
 def rich_table(report: QuantReport, choice: QuantChoice | None = None) -> Table:
@@ -76,7 +114,19 @@ def rich_table(report: QuantReport, choice: QuantChoice | None = None) -> Table:
     return table
 
 
-def plot_report(report: QuantReport, png_path: Path) -> Path:
+def _mark_choice(ax, report: QuantReport, choice: QuantChoice, floor: float) -> None:
+    """The bounds as lines and the chosen candidate as a star: the plot shows why it won."""
+    if choice.max_size_bytes is not None:
+        ax.axvline(choice.max_size_bytes / 1e6, color="tab:green", linestyle=":", linewidth=1.2,
+                   label=f"--max-size {human_size(choice.max_size_bytes)}")
+    if choice.max_kl is not None:
+        ax.axhline(choice.max_kl, color="tab:green", linestyle="-.", linewidth=1.2, label=f"--max-kl {choice.max_kl:g}")
+    ax.scatter([choice.size_bytes / 1e6], [max(choice.kl_mean, floor)], marker="*", s=220, color="tab:green",
+               zorder=4, label=f"chosen: {choice.quant}")
+    ax.legend(loc="upper right", fontsize=8)
+
+
+def plot_report(report: QuantReport, png_path: Path, choice: QuantChoice | None = None) -> Path:
     """PNG: file size against mean KL divergence, one labelled point a quant type, f16 as the reference."""
     # The Agg canvas on a bare Figure: no pyplot, no global backend switch in the caller's process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -90,8 +140,10 @@ def plot_report(report: QuantReport, png_path: Path) -> Path:
     floor = min(positive) / 3 if positive else 1e-4
     xs = [r.size_bytes / 1e6 for r in quants]
     ys = [max(r.kl_mean, floor) for r in quants]
-    ax.plot(*zip(*sorted(zip(xs, ys))) if xs else ([], []), color="0.75", zorder=1)
-    ax.scatter(xs, ys, zorder=2, color="tab:blue")
+    line = sorted((x, y) for r, x, y in zip(quants, xs, ys) if "-" not in r.quant)  # the standard types' curve
+    ax.plot(*zip(*line) if line else ([], []), color="0.75", zorder=1)
+    # Standard types blue; the search's variants (an importance matrix, a recipe: labels with a '-') orange.
+    ax.scatter(xs, ys, zorder=2, color=["tab:orange" if "-" in r.quant else "tab:blue" for r in quants])
     for r, x, y in zip(quants, xs, ys):
         ax.annotate(r.quant, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
     for r in report.rows:
@@ -102,6 +154,8 @@ def plot_report(report: QuantReport, png_path: Path) -> Path:
             ax.scatter([x], [floor], marker="D", color="tab:red", zorder=3, clip_on=False)
             ax.annotate(f"{r.quant} (reference, KL 0)", (x, floor), textcoords="offset points",
                         xytext=(-6, 8), ha="right", fontsize=9, color="tab:red")
+    if choice is not None:
+        _mark_choice(ax, report, choice, floor)
     ax.set_yscale("log")
     top = max(ys + [floor * 10])
     ax.set_ylim(floor / 1.5, top * 2)
@@ -123,7 +177,7 @@ def write_report_files(report: QuantReport, out_dir: Path, choice: QuantChoice |
     md = out_dir / f"{stem}.md"
     with atomic_path(md) as tmp:
         tmp.write_text(report_markdown(report, choice), encoding="utf-8")
-    png = plot_report(report, out_dir / f"{stem}.png")
+    png = plot_report(report, out_dir / f"{stem}.png", choice)
     return {"markdown": md, "plot": png}
 
 
