@@ -1,4 +1,9 @@
-"""Quantize a float GGUF with libllama's quantizer, in process (the code behind `llama-quantize`)."""
+"""Quantize a float GGUF: with libllama's quantizer in process, or through `llama-quantize` for a matrix or recipe.
+
+Plain types run in process (no start-up, progress from libllama's log). An importance matrix or
+a per-tensor recipe reaches libllama's quantizer only as C++ objects (tasks/llama_tools.py), so
+those run llama.cpp's own `llama-quantize`, built from the same source.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +11,29 @@ import ctypes
 import logging
 import os
 import re
+import subprocess
 import threading
 from collections import Counter
 from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tasks.errors import QuantizationFailed, QuantTypeUnknown
 from tasks.files import path_cache_key
 from tasks.progress import log_in_run, progress_reporter
 from tasks.step import step
 
+if TYPE_CHECKING:
+    from tasks.recipe import Recipe
+
 FLOAT_TYPES = ("f32", "f16", "bf16")
 # llama-quantize refuses these without an importance matrix: the result would be garbage.
-NEEDS_IMATRIX = frozenset({"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "q2_k_s"})
+# src/llama-quant.cpp `tensor_requires_imatrix`: any tensor stored as iq1_s/iq1_m/iq2_xxs/iq2_xs/
+# iq2_s/iq3_xxs, or q2_k inside a q2_k_s file. iq2_m stores iq2_s, iq3_xs stores its attention
+# q/k as iq3_xxs. (A model whose rows are not whole 256-blocks falls back to other types and may
+# escape: SmolLM2-135M's 576 columns do for iq3_*; Kiln refuses them for every model alike.)
+NEEDS_IMATRIX = frozenset({"iq1_s", "iq1_m", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq3_xxs", "iq3_xs", "q2_k_s"})
 # Bits per weight, for disk estimates before anything is written (llama.cpp's published figures,
 # rounded up; embeddings and norms kept at higher precision make small models a little larger).
 BITS_PER_WEIGHT = {
@@ -55,8 +68,9 @@ def check_quant_types(quants: list[str], have_imatrix: bool = False) -> None:
     if starved:
         raise QuantTypeUnknown(
             f"quant type(s) {', '.join(starved)} need an importance matrix and none was given; "
-            "pick q2_k, q3_k_m or larger instead"
+            "add --imatrix auto (or your own text or matrix), or pick q2_k, q3_k_m or larger"
         )
+
 
 
 def estimated_size(params: int, quant: str) -> int:
@@ -132,18 +146,93 @@ def _route_libllama_log() -> Any:
 
 
 def _quantize_cache_key(_ctx: Any, params: dict[str, Any]) -> str:
-    return path_cache_key("kiln-quantize", Path(params["dst"]), Path(params["src"]))
+    key = path_cache_key("kiln-quantize", Path(params["dst"]), Path(params["src"]))
+    imatrix, recipe = params.get("imatrix"), params.get("recipe")
+    if imatrix is None and recipe is None:
+        return key  # as before: plain types keep their records
+    from tasks.files import sha256_file, sha256_text
+
+    # The matrix's and recipe's content, not their paths: a matrix recomputed in place is another input.
+    extra = f"imatrix={sha256_file(Path(imatrix)) if imatrix else ''};recipe={recipe.sha256 if recipe else ''}"
+    return f"{key}-{sha256_text(extra)[:24]}"
+
+
+def run_tool(args: list[str], on_text: Any = None, keep: int = 40) -> tuple[int, list[str]]:
+    """Run a llama.cpp tool (argument list, no shell); (exit status, its last `keep` output lines).
+
+    stdout and stderr together, read as they come: `on_text(text)` sees every piece (progress
+    that is printed without line ends, as llama-imatrix's, too).
+    """
+    from collections import deque
+
+    tail: deque[str] = deque(maxlen=keep)
+    pending = ""
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL) as proc:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read1(65536):
+            text = chunk.decode("utf-8", errors="replace")
+            if on_text is not None:
+                on_text(text)
+            *lines, pending = (pending + text).replace("\r", "\n").split("\n")
+            tail.extend(line.strip() for line in lines if line.strip())
+        rc = proc.wait()
+    if pending.strip():
+        tail.append(pending.strip())
+    return rc, list(tail)
+
+
+# llama-quantize's error lines: libllama's "llama_model_quantize: failed to quantize: <why>" says why.
+_QUANTIZE_WHY = re.compile(r"failed to quantize:\s*(.+)$")
+
+
+def _quantize_with_tool(src: Path, tmp: Path, quant: str, nthread: int, imatrix: Path | None,
+                        recipe: Recipe | None, progress: Any) -> None:
+    from tasks.llama_tools import llama_tool
+
+    def on_text(text: str) -> None:
+        for started in re.finditer(r"^\[\s*(\d+)/\s*(\d+)\]", text, re.MULTILINE):
+            progress((int(started.group(1)) - 1) / int(started.group(2)))
+
+    args = [str(llama_tool("llama-quantize")), "--allow-requantize",
+            *(["--imatrix", str(imatrix)] if imatrix else []), *(recipe.tool_args() if recipe else []),
+            str(src), str(tmp), quant.upper(), str(nthread)]
+    rc, tail = run_tool(args, on_text)
+    if rc != 0:
+        why = next((m.group(1) for line in reversed(tail) if (m := _QUANTIZE_WHY.search(line))), None)
+        if why is None:
+            from tasks.imatrix import error_cause
+
+            why = error_cause(tail, rc)
+        raise QuantizationFailed(f"llama-quantize could not quantize {src.name} to {quant}: {why.strip()}")
 
 
 @step(name="quantize", cache_key=_quantize_cache_key)
-def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None, at_once: int | None = None) -> Path:
+def quantize_gguf(src: Path, dst: Path, quant: str, nthread: int | None = None, at_once: int | None = None,
+                  imatrix: Path | None = None, recipe: Recipe | None = None) -> Path:
     """Write `dst` as `quant` from the GGUF `src` (a cache entry: reused while its hash holds).
 
     With `at_once`, at most that many quantizations run libllama together in this process.
+    With an importance matrix or a recipe, llama-quantize writes it (the cache entry `dst` must
+    be named for them).
     """
     import llama_cpp
 
     from tasks.convert import cached_build
+
+    if imatrix is not None or recipe is not None:
+        from tasks.recipe import quant_label
+
+        check_quant_types([quant], have_imatrix=imatrix is not None)
+        threads = nthread or os.cpu_count() or 1
+        label = quant_label(quant, imatrix is not None, recipe)
+
+        def build_with_tool(tmp: Path) -> None:
+            with _slots(at_once) if at_once else nullcontext():
+                progress = progress_reporter(f"quantize to {label}", key=f"kiln-quantize-{label.replace('_', '-')}")
+                _quantize_with_tool(src, tmp, quant, threads, imatrix, recipe, progress)
+                progress(1.0)
+
+        return cached_build(dst, build_with_tool)[0]
 
     # Other threads' libllama lines (a model load) still go through llama-cpp-python's logger: errors only.
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
