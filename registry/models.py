@@ -108,6 +108,14 @@ class ExportRequest(BaseModel):
         description="With quants [auto]: stop the search after this long (e.g. 10m, 90s) and export the best "
                     "candidate measured so far.",
     )
+    imatrix: str | None = Field(
+        None, title="Importance matrix",
+        description=(
+            "Quantize with an importance matrix: `auto` (computed on Kiln's calibration text), a text PATH.txt "
+            "to compute it on, or a matrix PATH.gguf / PATH.dat from llama-imatrix. Outputs are labelled "
+            "`<type>-imat`; types such as iq2_xs and q2_k_s need one."
+        ),
+    )
 
     @model_validator(mode="after")
     def _auto_needs_a_bound(self) -> ExportRequest:
@@ -150,6 +158,19 @@ class ExportRequest(BaseModel):
             raise ValueError("recipe: a recipe sets the types of a quantization; give a quant type (e.g. q4_k_m) "
                              "or auto with it")
         return self
+
+    @field_validator("imatrix")
+    @classmethod
+    def _imatrix_kind(cls, value: str | None) -> str | None:
+        if value is not None:
+            from tasks.errors import KilnError
+            from tasks.imatrix import imatrix_kind
+
+            try:
+                imatrix_kind(value)
+            except KilnError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @field_validator("ollama_name")
     @classmethod
@@ -238,6 +259,24 @@ class OutputFile(BaseModel):
     quant: str
     size: int
     sha256: str
+
+
+class ImatrixRecord(BaseModel):
+    """The manifest's record of the importance matrix an export quantized with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["auto", "user-text", "file"] = Field(description="auto: Kiln's calibration text; user-text: "
+                                                         "the user's .txt; file: a matrix the user gave")
+    path: str = Field(description="the matrix file used (a cache entry when computed)")
+    sha256: str
+    entries: int = Field(description="tensors the matrix covers")
+    text: str | None = Field(None, description="name of the calibration text it was computed on")
+    text_sha256: str | None = None
+    chunks: int | None = Field(None, description="at most this many chunks of `ctx` tokens were used")
+    ctx: int | None = None
+    computed_s: float | None = Field(None, description="seconds llama-imatrix took (when it was computed)")
+    reused: bool = Field(False, description="taken from Kiln's cache, not computed in this export")
 
 
 class QuantMetrics(BaseModel):
@@ -387,3 +426,4 @@ class Manifest(BaseModel):
     choice: QuantChoice | None = Field(None, description="What `--quant auto` picked, and why.")
     recipe: AppliedRecipe | None = Field(
         None, description="The per-tensor recipe the quantizations used (--recipe, or the one --quant auto chose).")
+    imatrix: ImatrixRecord | None = Field(None, description="The importance matrix the quant types were made with.")
