@@ -166,12 +166,15 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--allow-requantize", is_flag=True,
               help="A prebuilt quantized GGUF: also make the types with fewer bits than it (quality loss). "
                    "Types with more bits are never made.")
+@click.option("--imatrix", help="Quantize with an importance matrix: `auto` (Kiln's calibration text), your text "
+                                "PATH.txt, or a llama-imatrix matrix PATH.gguf / PATH.dat. Outputs are labelled "
+                                "TYPE-imat; iq2_xs, iq1_s, q2_k_s and the like need one.")
 def export_command(source: str, quants: str, out_dir: Path | None, outtype: str | None, name: str | None,
                    no_verify: bool, accept_license: bool, force: bool, dialect: str | None, no_report: bool,
                    ollama_name: str | None, as_json: bool, resolve_revision: bool, allow_pickle: bool,
                    trust_remote_code: bool, max_size: str | None, max_kl: float | None, placement: str,
                    adapter: str | None, adapter_mode: str, allow_requantize: bool,
-                   recipe: str | None = None, search_budget: str | None = None) -> None:
+                   recipe: str | None = None, search_budget: str | None = None, imatrix: str | None = None) -> None:
     """Export SOURCE to GGUF: a registry key, a local Hugging Face folder or GGUF file,
     hf:ORG/NAME@SHA, hf:ORG/NAME@SHA#PATTERN.gguf (a prebuilt GGUF), or `demo`."""
     request = build_request(
@@ -180,7 +183,7 @@ def export_command(source: str, quants: str, out_dir: Path | None, outtype: str 
         ollama_name=ollama_name, resolve_revision=resolve_revision, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, report=not no_report, max_size=max_size, max_kl=max_kl,
         placement=placement, adapter=adapter, adapter_mode=adapter_mode, allow_requantize=allow_requantize,
-        recipe=recipe, search_budget=search_budget,
+        recipe=recipe, search_budget=search_budget, imatrix=imatrix,
     )
     run_export_command(request, as_json, force)
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from registry.models import ExportRequest, ResolvedSource
+from registry.models import ExportRequest, ImatrixRecord, ResolvedSource
 from tasks import settings
 from tasks.adapter import AdapterInfo, apply_adapter
 from tasks.convert import cache_entry_intact, convert_to_gguf, gguf_cache_path
@@ -107,6 +107,7 @@ def convert_and_quantize(
     toolchain: Toolchain,
     adapter: AdapterInfo | None = None,
     parallel: int | None = None,
+    imatrix: ImatrixRecord | None = None,
 ) -> dict[str, Path]:
     """The heavy part: one cached float conversion, the adapter applied (merge/peft), then every quant type.
 
@@ -153,9 +154,12 @@ def convert_and_quantize(
     if recipe is not None:
         check_recipe_against(recipe, base, f"recipe {request.recipe}")  # the first moment the tensor names are known
     quant_kwargs: dict[str, Any] = {"recipe": recipe} if recipe is not None else {}
+    if imatrix is not None:  # every type made with the export's matrix: cache entries of their own
+        quant_kwargs["imatrix"] = Path(imatrix.path)
+        key = f"{key}-imat{imatrix.sha256[:12]}"
 
     def label(quant: str) -> str:
-        return quant_label(quant, False, recipe)
+        return quant_label(quant, imatrix is not None, recipe)
 
     def cache_path(quant: str) -> Path:
         # A recipe's quantization is a cache entry of its own, named by what the recipe does.
@@ -257,7 +261,7 @@ def _run_name() -> str:
 
 @flow(name=FLOW_NAME, persist_result=True, flow_run_name=_run_name)
 def convert_quantize(source: ResolvedSource, request: ExportRequest, toolchain_key: str | None = None,
-                     adapter: AdapterInfo | None = None) -> dict[str, str]:
+                     adapter: AdapterInfo | None = None, imatrix: ImatrixRecord | None = None) -> dict[str, str]:
     """Convert the base to a float GGUF (cached) and make every quant type from it; returns quant → GGUF path.
 
     Started by the export flow for `placement: cpu | gpu`; the paths are in this worker's
@@ -281,7 +285,7 @@ def convert_quantize(source: ResolvedSource, request: ExportRequest, toolchain_k
                     ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in accelerators().items()))
     source = ensure_local_source(source, request)
     with gpu_slot(request.placement):
-        paths = convert_and_quantize(source, request, toolchain, adapter)
+        paths = convert_and_quantize(source, request, toolchain, adapter, imatrix=imatrix)
     return {quant: str(path) for quant, path in paths.items()}
 
 
@@ -311,10 +315,10 @@ def _check_pool(pool: str) -> None:
 
 
 def run_placed(source: ResolvedSource, request: ExportRequest, toolchain: Toolchain,
-               adapter: AdapterInfo | None = None) -> dict[str, Path]:
+               adapter: AdapterInfo | None = None, imatrix: ImatrixRecord | None = None) -> dict[str, Path]:
     """Conversion and quantization where the request says: inline, or on a `cpu`/`gpu` worker and wait."""
     if request.placement == "local":
-        return convert_and_quantize(source, request, toolchain, adapter)
+        return convert_and_quantize(source, request, toolchain, adapter, imatrix=imatrix)
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
@@ -328,7 +332,8 @@ def run_placed(source: ResolvedSource, request: ExportRequest, toolchain: Toolch
             name,
             parameters={"source": source.model_dump(mode="json"), "request": request.model_dump(mode="json"),
                         "toolchain_key": toolchain.cache_key,
-                        "adapter": adapter.model_dump(mode="json") if adapter else None},
+                        "adapter": adapter.model_dump(mode="json") if adapter else None,
+                        "imatrix": imatrix.model_dump(mode="json") if imatrix else None},
             timeout=None,
             poll_interval=settings.placement_poll_seconds(),
         )

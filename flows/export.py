@@ -19,6 +19,7 @@ from flows.convert_quantize import run_placed
 from registry.models import (
     Check,
     ExportRequest,
+    ImatrixRecord,
     Manifest,
     OllamaPlan,
     QuantChoice,
@@ -139,7 +140,8 @@ def run_export(request: ExportRequest) -> Manifest:
         if request.quants == ["auto"]:
             request, choice, auto_report = choose_quant_by_measuring(source, request, toolchain, report.adapter)
         # placement: inline here, or the convert-quantize deployment on a cpu/gpu worker (flows/convert_quantize.py).
-        cached = run_placed(source, request, toolchain, report.adapter)
+        imatrix = importance_matrix(source, request, toolchain, report.adapter) if request.imatrix else None
+        cached = run_placed(source, request, toolchain, report.adapter, imatrix=imatrix)
     float_label = next(iter(cached))
 
     checks: list[Check] = list(report.checks)
@@ -195,6 +197,7 @@ def run_export(request: ExportRequest) -> Manifest:
         report=quant_report,
         choice=choice,
         recipe=applied_recipe(request.recipe) if request.recipe else None,
+        imatrix=imatrix,
     )
     write_manifest(out_dir, manifest)
     publish_summary(manifest, report_files.get("plot"))
@@ -241,6 +244,24 @@ def search_imatrix(request: ExportRequest, float_gguf: Path, toolchain: Toolchai
     from tasks.imatrix import resolve_imatrix
 
     return Path(resolve_imatrix(spec, float_gguf, toolchain.cache_key).path)
+
+
+def importance_matrix(source: ResolvedSource, request: ExportRequest, toolchain: Toolchain,
+                      adapter: AdapterInfo | None) -> ImatrixRecord:
+    """`--imatrix`: the matrix of the float GGUF the types are made from (converted first, both cached).
+
+    Between conversion and quantization, so a matrix for another model is refused before anything
+    is quantized with it.
+    """
+    from tasks.imatrix import resolve_imatrix
+
+    base_only = request.model_copy(update={"quants": []})
+    float_gguf = next(iter(run_placed(source, base_only, toolchain, adapter).values()))
+    record = resolve_imatrix.task(request.imatrix, float_gguf, toolchain.cache_key)
+    get_run_logger().info("importance matrix (%s): %s, %d tensors%s", record.source, Path(record.path).name,
+                          record.entries, "" if record.computed_s is None else
+                          f", computed in {record.computed_s:g} s" + (" (reused)" if record.reused else ""))
+    return record
 
 
 def licence_line(ref: SourceRef) -> str | None:

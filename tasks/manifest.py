@@ -47,6 +47,11 @@ def inputs_beyond_source(request: ExportRequest) -> str:
 
         recipe = load_recipe(request.recipe)  # a recipe edited since the last export makes other files
         extra.append(f"recipe:{recipe.name}:{recipe.sha256}")
+    if request.imatrix:
+        from tasks.imatrix import imatrix_input_sha256
+
+        # The calibration text's or matrix file's content: the same path edited makes other files.
+        extra.append(f"imatrix:{imatrix_input_sha256(request.imatrix)}")
     return " ".join(extra)
 
 

@@ -318,7 +318,11 @@ def check_disk(paths: list[Path], need: int) -> None:
 def check_request(request: ExportRequest, ref: SourceRef) -> None:
     """The checks that need nothing but the request: the CLI makes them before Prefect even starts."""
     # `auto` is not a type: the request model has checked that it stands alone, with a bound.
-    check_quant_types([q for q in request.quants if q != AUTO])
+    check_quant_types([q for q in request.quants if q != AUTO], have_imatrix=request.imatrix is not None)
+    if request.imatrix is not None:
+        from tasks.imatrix import check_imatrix_value
+
+        check_imatrix_value(request.imatrix)  # the text or matrix file alone; the model's fit after conversion
     check_license(ref.spec, request.accept_license)
     check_output_dir(Path(request.out_dir))
 
