@@ -37,7 +37,7 @@ from prefect import flow, get_run_logger
 from registry.models import ExportRequest, ImatrixRecord, ResolvedSource
 from tasks import settings
 from tasks.adapter import AdapterInfo, apply_adapter
-from tasks.convert import cache_entry_intact, convert_to_gguf, gguf_cache_path
+from tasks.convert import cache_entry_intact, conversion_key, convert_to_gguf, gguf_cache_path, gguf_model_name
 from tasks.errors import KilnError, ToolchainError
 from tasks.files import content_key
 from tasks.memory import quant_job_memory
@@ -117,7 +117,7 @@ def convert_and_quantize(
     from tasks.preflight import gguf_file_type
 
     logger = get_run_logger()
-    key = content_key(source.files)
+    key = conversion_key(source)  # the model name is written into every GGUF made from it
     config = _config(source)
     if source.kind == "gguf":
         base, base_label = Path(source.path), gguf_file_type(Path(source.path))
@@ -125,7 +125,7 @@ def convert_and_quantize(
     else:
         base_label = request.outtype
         task = convert_to_gguf.task  # publishes its own progress artifact while converting (tasks/convert.py)
-        args = (Path(source.path), key, request.outtype, toolchain)
+        args = (Path(source.path), key, request.outtype, toolchain, gguf_model_name(source))
         state = task(*args, return_state=True)
         base, reused = state.result()
         if _was_cached(state) and not cache_entry_intact(base):
@@ -136,7 +136,8 @@ def convert_and_quantize(
         logger.info("base %s GGUF %s: %s", base_label, how, base.name)
     if adapter is not None and request.adapter_mode != "adapter":
         applied = apply_adapter.task(adapter, request.adapter_mode, base_dir=Path(source.path), base_gguf=base,
-                                     base_key=key, toolchain=toolchain, outtype=request.outtype)
+                                     base_key=key, toolchain=toolchain, outtype=request.outtype,
+                                     model_name=gguf_model_name(source))
         logger.info("adapter %s (%s): %s", adapter.sha256[:12], request.adapter_mode,
                     "reused" if applied.reused else f"applied in {applied.seconds:g} s")
         if request.adapter_mode == "merge" and applied.lora_gguf:

@@ -27,10 +27,10 @@ from registry.models import (
     ResolvedSource,
 )
 from tasks.adapter import AdapterInfo
-from tasks.convert import ConversionAhead, warm_converter
+from tasks.convert import ConversionAhead, conversion_key, gguf_model_name, warm_converter
 from tasks.errors import KilnError
 from tasks.fetch import SourceRef, display_name, source_ref
-from tasks.files import cache_dir, content_key, sha256_text
+from tasks.files import cache_dir, sha256_text
 from tasks.manifest import (
     KILN_VERSION,
     find_up_to_date,
@@ -128,7 +128,8 @@ def run_export(request: ExportRequest) -> Manifest:
     if early:
         # Weights on disk and the probe not cached: convert while the converter is asked, not after.
         with times("probe beside conversion"):
-            ahead = ConversionAhead(Path(source.path), content_key(source.files), request.outtype, toolchain)
+            ahead = ConversionAhead(Path(source.path), conversion_key(source), request.outtype, toolchain,
+                                    gguf_model_name(source))
             try:
                 report = confirm_with_converter.task(report, ref, metadata_folder, toolchain)
             except BaseException:

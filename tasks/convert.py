@@ -1,12 +1,13 @@
 """Convert a Hugging Face folder to a float GGUF with llama.cpp's own converter.
 
 The converter runs as a subprocess from the pinned llama.cpp tree (see
-`tasks.toolchain`). The result is cached by (source content, outtype, toolchain),
-so N adapters and N quant types on one base pay for one conversion.
+`tasks.toolchain`). The result is cached by (source content, model name, outtype,
+toolchain), so N adapters and N quant types on one base pay for one conversion.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import deque
@@ -16,14 +17,17 @@ from typing import Any
 
 from filelock import FileLock
 
+from registry.models import ResolvedSource
 from tasks.errors import ConversionFailed, KilnError, NotEnoughDisk
 from tasks.files import (
     atomic_path,
     cache_dir,
+    content_key,
     disk_full,
     path_cache_key,
     remove_stale_temporaries,
     sha256_file,
+    sha256_text,
     write_text_atomic,
 )
 from tasks.progress import progress_reporter
@@ -40,6 +44,57 @@ _WRITER_TOTAL_RE = re.compile(r"Writing:.*?/\s*([\d.]+)\s*([kMGT]?)(?:B|byte)?\b
 _SI = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 # Below this much free space a failed build is taken to have failed for want of space.
 _NEARLY_FULL = 16 * 1024 * 1024
+# A Hub repository's name part (ORG/NAME), as config.json's `_name_or_path` records it.
+_HUB_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def gguf_model_name(source: ResolvedSource) -> str:
+    """The model's own name, spelled as its publisher spells it: the converter's `--model-name`, so general.name.
+
+    Left to itself the converter titles the name it finds ("Phi-3.5-mini-instruct" becomes
+    "Phi 3.5 Mini Instruct"), and libllama reads general.name back: it strips the whitespace
+    after Phi-3's chat tokens, as the published tokenizer does, only where the lowercased name
+    contains "phi-3" or "phi3" (src/llama-vocab.cpp, the `_contains_any(model_name, ...)` rule).
+    Without that, the prompt token ids differ from transformers'.
+
+    - A Hub source or registry key: the repository's name (microsoft/Phi-3.5-mini-instruct ->
+      Phi-3.5-mini-instruct); the local folder is a cache snapshot named by a commit hash.
+    - A local folder (and the demo): see `folder_model_name`.
+    """
+    if source.kind in ("hf", "registry"):
+        return source.id.rsplit("/", 1)[-1]
+    return folder_model_name(Path(source.path))
+
+
+def folder_model_name(folder: Path) -> str:
+    """A local folder's model name: config.json's `_name_or_path` where it is a Hub id, else the folder's name.
+
+    `_name_or_path` first, as the converter itself looks (only its titling is left out): it is the
+    name the weights were published or loaded under, while a folder's name is whatever the download
+    was put in ("model", "checkpoint-500", a snapshot hash). A path there (more than one '/', or
+    starting with '/', '.' or '~') names no model. transformers 5 no longer saves `_name_or_path`,
+    so a folder it wrote is named by the folder.
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = None
+    declared = config.get("_name_or_path") if isinstance(config, dict) else None
+    if isinstance(declared, str) and declared.count("/") <= 1 and not declared.startswith(("/", ".", "~")):
+        name = declared.rsplit("/", 1)[-1]
+        if _HUB_NAME_RE.fullmatch(name):
+            return name
+    return folder.name
+
+
+def conversion_key(source: ResolvedSource) -> str:
+    """The cache key of a source's conversion and of everything made from it (quantizations, merges).
+
+    The model name is part of it: it is written into every GGUF, so entries converted under
+    another name (before `--model-name` was passed, or from the same files in another folder)
+    are not reused.
+    """
+    return f"{content_key(source.files)}-n{sha256_text(gguf_model_name(source))[:8]}"
 
 
 def gguf_cache_path(content_key: str, variant: str, toolchain: Toolchain) -> Path:
@@ -118,11 +173,17 @@ def convert_to_gguf(
     content_key: str,
     outtype: str,
     toolchain: Toolchain,
+    model_name: str | None = None,
     on_line: Callable[[str], None] | None = None,
     on_start: Callable[[Any], None] | None = None,
 ) -> tuple[Path, bool]:
-    """The float GGUF for `model_dir`; returns (path, reused_from_cache)."""
+    """The float GGUF for `model_dir`, named `model_name` (general.name); returns (path, reused_from_cache).
+
+    `content_key` is the source's `conversion_key`, which covers the name. Without `model_name`,
+    the folder's (`folder_model_name`).
+    """
     final = gguf_cache_path(content_key, outtype, toolchain)
+    name = model_name or folder_model_name(model_dir)
 
     def build(tmp: Path) -> None:
         report = progress_reporter(f"convert {model_dir.name} to {outtype} GGUF", key="kiln-convert")
@@ -133,8 +194,9 @@ def convert_to_gguf(
             if on_line:
                 on_line(line)
 
-        run_converter("convert_hf_to_gguf.py", ["--outtype", outtype, "--outfile", str(tmp), str(model_dir)],
-                      toolchain, watch, on_start)
+        # `--model-name=` in one argument: a name may start with "-".
+        run_converter("convert_hf_to_gguf.py", ["--outtype", outtype, f"--model-name={name}", "--outfile", str(tmp),
+                                                str(model_dir)], toolchain, watch, on_start)
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise ConversionFailed(f"the converter exited cleanly but wrote nothing for {model_dir}")
 
@@ -151,13 +213,14 @@ class ConversionAhead:
     the convert step builds again and reports its cause.
     """
 
-    def __init__(self, model_dir: Path, content_key: str, outtype: str, toolchain: Toolchain) -> None:
+    def __init__(self, model_dir: Path, content_key: str, outtype: str, toolchain: Toolchain,
+                 model_name: str | None = None) -> None:
         import contextvars
         import threading
 
         self._job: Any = None
         self._cancelled = threading.Event()
-        args = (model_dir, content_key, outtype, toolchain)
+        args = (model_dir, content_key, outtype, toolchain, model_name)
         # The run's context goes along, so progress shows under the export as it would in the convert step.
         self._thread = threading.Thread(target=contextvars.copy_context().run, args=(self._run, *args),
                                         name="kiln-conversion-ahead", daemon=True)

@@ -98,6 +98,7 @@ def apply_adapter(
     toolchain: Toolchain,
     outtype: Literal["f16", "bf16", "f32"] = "f16",
     on_line: Callable[[str], None] | None = None,
+    model_name: str | None = None,
 ) -> AdapterOutput:
     """Run one adapter mode after `validate_adapter`; every result is cached and shared across runs.
 
@@ -106,13 +107,14 @@ def apply_adapter(
       cannot be learned, the GGUF LoRA by `convert_lora_to_gguf.py` (cached) is merged instead,
       and `lora_gguf` names it.
     - adapter: GGUF LoRA (cached); `gguf` is the base GGUF itself, to quantize as usual.
-    - peft: the reference merge, converted (cached per base and adapter).
+    - peft: the reference merge, converted (cached per base and adapter) under `model_name` (general.name).
     """
     info.check_mode(mode)
     started = time.perf_counter()
     adapter_dir = Path(info.path)
     if mode == "peft":
-        path, reused = peft_merge_to_gguf(adapter_dir, base_dir, toolchain, outtype, info=info, base_key=base_key, on_line=on_line)
+        path, reused = peft_merge_to_gguf(adapter_dir, base_dir, toolchain, outtype, info=info, base_key=base_key,
+                                          on_line=on_line, model_name=model_name)
         return AdapterOutput(mode=mode, adapter_sha256=info.sha256, gguf=str(path), reused=reused,
                              seconds=round(time.perf_counter() - started, 3))
     if base_gguf is None:

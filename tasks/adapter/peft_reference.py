@@ -10,7 +10,7 @@ from typing import Literal
 
 from tasks.adapter.records import AdapterInfo
 from tasks.adapter.validate import validate_adapter
-from tasks.convert import cached_build, gguf_cache_path, run_converter
+from tasks.convert import cached_build, folder_model_name, gguf_cache_path, run_converter
 from tasks.errors import ConversionFailed
 from tasks.fetch import fingerprint, model_files
 from tasks.files import (
@@ -37,6 +37,7 @@ def peft_merge_to_gguf(
     info: AdapterInfo | None = None,
     base_key: str | None = None,
     on_line: Callable[[str], None] | None = None,
+    model_name: str | None = None,
 ) -> tuple[Path, bool]:
     """transformers + peft `merge_and_unload`, save, convert with the pinned converter; returns (path, reused).
 
@@ -53,14 +54,16 @@ def peft_merge_to_gguf(
 
         base_key = content_key(fingerprint(model_files(base_dir), base_dir))
     final = gguf_cache_path(f"{base_key}-peft{info.sha256[:16]}", outtype, toolchain)
+    # The base's name, not the staging folder's: libllama keys tokenizer rules on general.name (tasks.convert).
+    name = model_name or folder_model_name(base_dir)
 
     def build(tmp: Path) -> None:
         # Named like the entry's temporaries, so a killed run's folder is swept by the next builder.
         with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{final.name}.peft-", dir=final.parent) as staging:
             merged_dir = Path(staging) / "merged"
             _peft_merge_folder(adapter_dir, base_dir, merged_dir, info)
-            run_converter("convert_hf_to_gguf.py", ["--outtype", outtype, "--outfile", str(tmp), str(merged_dir)],
-                          toolchain, on_line)
+            run_converter("convert_hf_to_gguf.py", ["--outtype", outtype, f"--model-name={name}", "--outfile", str(tmp),
+                                                    str(merged_dir)], toolchain, on_line)
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise ConversionFailed(f"the converter exited cleanly but wrote nothing for the peft merge of {adapter_dir}")
 

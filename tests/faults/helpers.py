@@ -144,11 +144,11 @@ def growing_temporary(folder: Path, variant: str) -> Callable[[], Path | None]:
 
 def demo_entry_name(manifest: dict, variant: str) -> str:
     """The cache entry name of the demo's `variant` GGUF, from an export's manifest (as gguf_cache_path names it)."""
-    from registry.models import SourceFile
-    from tasks.files import content_key
+    from registry.models import ResolvedSource
+    from tasks.convert import conversion_key
     from tasks.toolchain import Toolchain
 
-    key = content_key([SourceFile(**f) for f in manifest["source"]["files"]])
+    key = conversion_key(ResolvedSource(**manifest["source"]))
     return f"{key}-{variant}-{Toolchain(**manifest['toolchain']).cache_key}.gguf"
 
 
