@@ -88,6 +88,9 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
         with prefect_api(), without_heartbeats(), terminal_progress():
             manifest = export(request, force=force)
         status = f"exported to {request.out_dir}"
+        for check in manifest.checks:
+            if check.name == "split outputs":  # what became of each file, and that Ollama cannot take shards
+                console.print(f"split: {check.detail}", markup=False, highlight=False, soft_wrap=True)
     if as_json:
         click.echo(manifest.model_dump_json(indent=2))
         console.print(status, markup=False)
@@ -136,6 +139,9 @@ def export_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--no-report", is_flag=True, help="Skip measuring each quant type against f16."),
         click.option("--ollama-name", help="Register with Ollama (OLLAMA_HOST) under this name."),
         click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON on stdout."),
+        click.option("--split-max-size", help="Split each output GGUF larger than this into NAME-00001-of-0000N.gguf "
+                                              "shards, as llama.cpp's gguf-split (e.g. 2G or 500M; Ollama cannot "
+                                              "import shards, so a split output gets no Modelfile)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -173,7 +179,7 @@ def export_command(source: str, quants: str, out_dir: Path | None, outtype: str 
                    no_verify: bool, accept_license: bool, force: bool, dialect: str | None, no_report: bool,
                    ollama_name: str | None, as_json: bool, resolve_revision: bool, allow_pickle: bool,
                    trust_remote_code: bool, max_size: str | None, max_kl: float | None, placement: str,
-                   adapter: str | None, adapter_mode: str, allow_requantize: bool,
+                   adapter: str | None, adapter_mode: str, allow_requantize: bool, split_max_size: str | None,
                    recipe: str | None = None, search_budget: str | None = None, imatrix: str | None = None) -> None:
     """Export SOURCE to GGUF: a registry key, a local Hugging Face folder or GGUF file,
     hf:ORG/NAME@SHA, hf:ORG/NAME@SHA#PATTERN.gguf (a prebuilt GGUF), or `demo`."""
@@ -183,7 +189,7 @@ def export_command(source: str, quants: str, out_dir: Path | None, outtype: str 
         ollama_name=ollama_name, resolve_revision=resolve_revision, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, report=not no_report, max_size=max_size, max_kl=max_kl,
         placement=placement, adapter=adapter, adapter_mode=adapter_mode, allow_requantize=allow_requantize,
-        recipe=recipe, search_budget=search_budget, imatrix=imatrix,
+        split_max_size=split_max_size, recipe=recipe, search_budget=search_budget, imatrix=imatrix,
     )
     run_export_command(request, as_json, force)
 
@@ -193,12 +199,12 @@ def export_command(source: str, quants: str, out_dir: Path | None, outtype: str 
 @fail_cleanly
 def demo_command(out_dir: Path | None, outtype: str | None, name: str | None, no_verify: bool,
                  accept_license: bool, force: bool, dialect: str | None, no_report: bool,
-                 ollama_name: str | None, as_json: bool) -> None:
+                 ollama_name: str | None, as_json: bool, split_max_size: str | None) -> None:
     """Export the embedded SmolLM2-135M-Instruct to f16, Q8_0 and Q4_K_M, run each, and summarise. No network."""
     request = build_request(
         source="demo", quants=list(DEMO_QUANTS), out_dir=str(out_dir or "kiln-demo"), outtype=outtype, name=name,
         verify=not no_verify, accept_license=accept_license, dialect=dialect, ollama_name=ollama_name,
-        report=not no_report,
+        report=not no_report, split_max_size=split_max_size,
     )
     run_export_command(request, as_json, force)
 
@@ -250,6 +256,9 @@ def report_command(out_dir: Path, as_json: bool) -> None:
     if manifest is None:
         raise KilnError(f"{out_dir} holds no Kiln export (no manifest.json)")
     if manifest.report is None:
+        if any(o.shard for o in manifest.outputs):
+            raise KilnError(f"the outputs in {out_dir} are split (--split-max-size) and the report measures whole "
+                            "files; export again with the report on (without --no-report): it measures before splitting")
         ggufs = {o.quant: out_dir / o.path for o in manifest.outputs if o.path.endswith(".gguf")}
         float_label = next((q for q in ("f32", "f16", "bf16") if q in ggufs), None)
         if float_label is None or len(ggufs) < 2:

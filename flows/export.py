@@ -40,7 +40,15 @@ from tasks.manifest import (
     write_manifest,
 )
 from tasks.recipe import applied as applied_recipe
-from tasks.outputs import place_outputs, record_output, ship_adapter_lora
+from tasks.outputs import (
+    drop_split_modelfiles,
+    place_outputs,
+    record_output,
+    record_shards,
+    ship_adapter_lora,
+    split_check,
+    split_outputs,
+)
 from tasks.toolchain import Toolchain, current_toolchain
 
 
@@ -165,8 +173,7 @@ def run_export(request: ExportRequest) -> Manifest:
                 not report.chat.verified or report.chat.mismatches):
             # The GGUF's own template is not the dialect's: it gets the dialect's Jinja (tasks/ollama_plan.py).
             rewritten = embed_chat_template.task(out_dir, placed, report.chat.dialect)
-        outputs = [record_output(out_dir, name, quant, None if name in rewritten else cached[quant])
-                   for quant, name in placed.items()]
+        outputs = []
         lora_name = None
         if report.adapter is not None and request.adapter_mode == "adapter":
             lora_name, lora_gguf = ship_adapter_lora.task(out_dir, stem, Path(request.adapter), Path(source.path),
@@ -177,6 +184,17 @@ def run_export(request: ExportRequest) -> Manifest:
             ollama = write_modelfiles.task(out_dir, placed, report.chat, licence_line(ref), request.ollama_name,
                                            lora_name, template_source=Path(source.path) if source.kind != "gguf" else None,
                                            prove=request.verify)
+        split: dict[str, list[str]] = {}
+        if request.split_max_size:
+            # After the stops were proven on the whole files: every step before this one reads single files.
+            split = split_outputs.task(out_dir, placed, request.split_max_size)
+            if ollama is not None:
+                ollama = drop_split_modelfiles(out_dir, ollama, split)
+            checks.append(split_check(split, request.split_max_size, ollama))
+        outputs = [record for quant, name in placed.items() for record in (
+            record_shards(out_dir, split[quant], quant) if quant in split
+            else [record_output(out_dir, name, quant, None if name in rewritten else cached[quant])])] + outputs
+        if ollama is not None:
             outputs += [record_output(out_dir, m.modelfile, m.quant) for m in ollama.models]
         report_files = write_report_files(quant_report, out_dir, choice) if quant_report is not None else {}
 

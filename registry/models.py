@@ -94,6 +94,14 @@ class ExportRequest(BaseModel):
     max_size: str | None = Field(None, description="With quants [auto]: the largest acceptable file, e.g. 500MB.")
     max_kl: float | None = Field(None, gt=0, title="Max KL",
                                  description="With quants [auto]: the largest acceptable mean KL divergence from f16.")
+    split_max_size: str | None = Field(
+        None, title="Split max size",
+        description=(
+            "Split every output GGUF larger than this into shards NAME-00001-of-0000N.gguf, as llama.cpp's "
+            "gguf-split --split-max-size does (a whole number of M or G, e.g. 2G). Ollama cannot import shards: "
+            "a split output gets no Modelfile, and ollama_name is refused with it."
+        ),
+    )
 
     recipe: str | None = Field(
         None, title="Recipe",
@@ -157,6 +165,27 @@ class ExportRequest(BaseModel):
         if self.recipe is not None and not [q for q in self.quants if q not in ("f32", "f16", "bf16")]:
             raise ValueError("recipe: a recipe sets the types of a quantization; give a quant type (e.g. q4_k_m) "
                              "or auto with it")
+        return self
+
+    @field_validator("split_max_size")
+    @classmethod
+    def _gguf_split_size(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from tasks.errors import KilnError
+        from tasks.split import normal_split_size
+
+        try:
+            return normal_split_size(value)
+        except KilnError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _ollama_takes_whole_files(self) -> ExportRequest:
+        if self.split_max_size is not None and self.ollama_name is not None:
+            raise ValueError("Ollama cannot import split GGUFs, so --split-max-size and --ollama-name do not go "
+                             "together; export for Ollama without --split-max-size (a second export reuses the "
+                             "cached conversion)")
         return self
 
     @field_validator("imatrix")
@@ -259,6 +288,8 @@ class OutputFile(BaseModel):
     quant: str
     size: int
     sha256: str
+    shard: int | None = Field(None, description="Which shard of a split output this file is (1-based; --split-max-size).")
+    shards: int | None = Field(None, description="How many shards the split output has.")
 
 
 class ImatrixRecord(BaseModel):

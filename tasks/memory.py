@@ -11,6 +11,9 @@ flows/convert_quantize.py), so the export's peak is its largest step, not their 
   and runs after the GGUF is closed, so the larger of the two counts;
 - report: llama.cpp runs the float GGUF with the logits of half a text chunk, three copies.
 
+- a prebuilt GGUF source (`gguf_source_memory`): no conversion; requantizing, verify and the report
+  run the source file itself, so its size and the shape its header gives govern them.
+
 - merge (with a LoRA adapter): the streamed merge holds a block of rows and one tensor pair
   (tasks/adapter/stream_merge.py); `--adapter-mode peft` loads the whole model in transformers.
 """
@@ -67,10 +70,14 @@ def quant_job_memory(base: Path, config: dict[str, Any]) -> int:
 
 
 def estimate_memory(params: int, outtype: str, config: dict, *, verify: bool, report: bool,
-                    converts: bool = True, quantizes: bool = True, adapter_mode: str | None = None) -> MemoryEstimate:
+                    converts: bool = True, quantizes: bool = True, adapter_mode: str | None = None,
+                    float_bytes: int | None = None, hf_reference: bool = True) -> MemoryEstimate:
     """Peak memory of each step of an export of a model of `params` parameters (config.json's shape).
 
     `adapter_mode`: how a LoRA adapter is applied, if one is (merge, adapter, peft).
+    `float_bytes`: the size of the GGUF verify and the report run as the reference, where it is known
+    (a prebuilt GGUF source: the file itself); else `params` in `outtype`. `hf_reference`: verify
+    also runs the transformers comparison (not for a GGUF source, which has no Hugging Face folder).
     """
     hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
     vocab = int(config.get("vocab_size") or 0)
@@ -78,7 +85,7 @@ def estimate_memory(params: int, outtype: str, config: dict, *, verify: bool, re
     kv_heads = int(config.get("num_key_value_heads") or config.get("num_attention_heads") or 0)
     heads = int(config.get("num_attention_heads") or 0)
     head_dim = int(config.get("head_dim") or (hidden // heads if heads else 0))
-    float_gguf = params * _BYTES.get(outtype, 2)
+    float_gguf = float_bytes if float_bytes is not None else params * _BYTES.get(outtype, 2)
     steps: dict[str, int] = {}
     if converts:
         widest = hidden * max(vocab, int(config.get("intermediate_size") or 0))
@@ -103,12 +110,53 @@ def estimate_memory(params: int, outtype: str, config: dict, *, verify: bool, re
         # The largest streamed block in float32 (an embedding, or a layer's ~12 h^2 weights), read
         # from bfloat16 a tensor at a time, and the logits of every sequence at once.
         largest_block = max(vocab * hidden, 12 * hidden * hidden) * 4
-        hf = int(largest_block * 1.5) + len(VERIFY_PROMPTS) * positions * vocab * 4
+        hf = int(largest_block * 1.5) + len(VERIFY_PROMPTS) * positions * vocab * 4 if hf_reference else 0
         steps["verify"] = max(gguf, hf) + _PROCESS_BASELINE
     if report:
         steps["report"] = float_gguf + 3 * 256 * vocab * 4 + _PROCESS_BASELINE
     peak_step = max(steps, key=lambda s: steps[s]) if steps else "none"
     return MemoryEstimate(peak_bytes=steps.get(peak_step, 0), peak_step=peak_step, steps=steps)
+
+
+def gguf_shape(path: Path) -> dict[str, int]:
+    """config.json's shape keys for a GGUF, from its header: what `estimate_memory` reads."""
+    from tasks.gguf_file import read_layout, read_metadata
+
+    arch = read_metadata(path, ("general.architecture",)).get("general.architecture")
+    keys = {f"{arch}.{k}": name for k, name in (
+        ("embedding_length", "hidden_size"), ("feed_forward_length", "intermediate_size"),
+        ("block_count", "num_hidden_layers"), ("attention.head_count", "num_attention_heads"),
+        ("attention.head_count_kv", "num_key_value_heads"), ("attention.key_length", "head_dim"))}
+    found = read_metadata(path, tuple(keys))
+    config = {name: int(found[key]) for key, name in keys.items() if isinstance(found.get(key), int)}
+    embedding = next((t for t in read_layout(path).tensors if t.name == "token_embd.weight"), None)
+    if embedding is not None and len(embedding.shape) == 2:
+        config["vocab_size"] = int(embedding.shape[1])  # (hidden, vocab), fastest-varying first
+    return config
+
+
+def gguf_source_memory(path: Path, *, requantizes: bool, verify: bool, report: bool) -> MemoryEstimate:
+    """Peak memory of each step of exporting a prebuilt GGUF: its size is what verify and the report map."""
+    config = gguf_shape(path)
+    size = path.stat().st_size
+    estimate = estimate_memory(0, "f16", config, verify=verify, report=report, converts=False,
+                               quantizes=False, float_bytes=size, hf_reference=False)
+    steps = dict(estimate.steps)
+    if requantizes:
+        # libllama reads the source a tensor at a time; the largest one, dequantized to float32, governs.
+        from tasks.gguf_file import read_layout
+
+        elements = max((_count(t.shape) for t in read_layout(path).tensors), default=0)
+        steps["quantize"] = _QUANT_BYTES_PER_ELEMENT * elements + _QUANT_OVERHEAD + _PROCESS_BASELINE
+    peak_step = max(steps, key=lambda s: steps[s]) if steps else "none"
+    return MemoryEstimate(peak_bytes=steps.get(peak_step, 0), peak_step=peak_step, steps=steps)
+
+
+def _count(shape: tuple[int, ...]) -> int:
+    n = 1
+    for dim in shape:
+        n *= dim
+    return n
 
 
 def check_memory(estimate: MemoryEstimate, budget: int) -> None:

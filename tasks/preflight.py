@@ -44,7 +44,7 @@ from tasks.fetch import (
     read_config,
 )
 from tasks.files import cache_dir, sha256_file, sha256_text, write_text_atomic
-from tasks.memory import check_memory, estimate_memory
+from tasks.memory import check_memory, estimate_memory, gguf_source_memory
 from tasks.progress import log_in_run
 from tasks.quantize import (
     BITS_PER_WEIGHT,
@@ -53,6 +53,7 @@ from tasks.quantize import (
     estimated_size,
     known_quant_types,
 )
+from tasks.split import check_split_fits, check_split_for_config, largest_tensor, split_extra_bytes
 from tasks.step import step
 from tasks.toolchain import Toolchain, registered_architectures
 from templates import registered_dialects
@@ -294,10 +295,11 @@ def estimate_bytes(params: int, request: ExportRequest, base_cached: bool) -> in
     # `--quant auto` holds every candidate until one is chosen.
     quants = list(AUTO_CANDIDATES) if request.quants == ["auto"] else request.quants
     # Each output is a hard link to the cache where possible, but a copy across filesystems.
-    outputs = estimated_size(params, request.outtype) + sum(estimated_size(params, q) for q in quants)
+    sizes = [estimated_size(params, request.outtype), *(estimated_size(params, q) for q in quants)]
     # A merged adapter is a second float GGUF beside the base's.
     merged = estimated_size(params, request.outtype) if request.adapter and request.adapter_mode != "adapter" else 0
-    return int((base + outputs + merged) * DISK_MARGIN)
+    # --split-max-size: the shards are a copy of each output they split (tasks/split.py).
+    return int((base + sum(sizes) + merged + split_extra_bytes(sizes, request.split_max_size)) * DISK_MARGIN)
 
 
 def check_disk(paths: list[Path], need: int) -> None:
@@ -367,6 +369,7 @@ def run_preflight(
                              adapter_mode=request.adapter_mode if request.adapter else None)
     budget = settings.memory_budget_bytes()
     check_memory(memory, budget)
+    check_split_for_config(request.split_max_size, config, request.outtype)
     checks = [
         Check(name="quant types", target="request", passed=True, detail=", ".join(request.quants) or "none"),
         Check(name="disk", target="request", passed=True, detail=f"needs about {need / 1e6:.0f} MB"),
@@ -449,13 +452,23 @@ def _preflight_gguf(path: Path, request: ExportRequest, chat: DialectChoice | No
     label = gguf_file_type(path)
     quants, skipped = plan_requantization(path.name, label, request.quants, request.allow_requantize)
     params = int(path.stat().st_size * 8 / BITS_PER_WEIGHT.get(label, 8.0))
-    need = int(sum(estimated_size(params, q) for q in quants) * DISK_MARGIN)
+    sizes = [estimated_size(params, q) for q in quants]
+    need = int((sum(sizes) + split_extra_bytes(sizes, request.split_max_size)) * DISK_MARGIN)
     check_disk([Path(request.out_dir), cache_dir()], need)
+    memory = gguf_source_memory(path, requantizes=any(q != label for q in quants), verify=request.verify,
+                                report=request.report)
+    budget = settings.memory_budget_bytes()
+    check_memory(memory, budget)
+    if request.split_max_size:
+        tensor, nbytes = largest_tensor(path)
+        check_split_fits(request.split_max_size, nbytes, f"{tensor} of {path.name}")
     checks = [
         Check(name="gguf source", target="source", passed=True,
               detail=f"{probe.gguf_arch}, {label}, pre-tokenizer {probe.tokenizer_pre}"),
         Check(name="quant types", target="request", passed=True, detail=", ".join(quants) or "none"),
         Check(name="disk", target="request", passed=True, detail=f"needs about {need / 1e6:.0f} MB"),
+        Check(name="memory", target="request", passed=True,
+              detail=f"peak about {memory.peak_bytes / 1e9:.2f} GB ({memory.peak_step}) of a {budget / 1e9:.2f} GB budget"),
     ]
     checks += [Check(name="quant type skipped", target=quant, passed=True, detail=why) for quant, why in skipped.items()]
     for quant, why in skipped.items():
