@@ -271,6 +271,14 @@ def compute_imatrix(f16_gguf: Path, text_path: Path, dst: Path,
     return path, seconds, reused
 
 
+def _chunks_used(matrix: Path) -> int | None:
+    """How many chunks llama-imatrix recorded (fewer than MAX_CHUNKS where the text is shorter)."""
+    from tasks.gguf_file import read_metadata
+
+    value = read_metadata(matrix, ["imatrix.chunk_count"]).get("imatrix.chunk_count")
+    return int(value) if isinstance(value, int) else None
+
+
 def error_cause(tail: list[str], rc: int) -> str:
     """The line of a llama.cpp tool's output that says why it failed (its error lines, else its last line)."""
     errors = [line for line in tail if re.search(r"(^|\s)E\s|error|failed|invalid|requires", line, re.IGNORECASE)]
@@ -293,5 +301,5 @@ def resolve_imatrix(value: str, f16_gguf: Path, toolchain_key: str, threads: int
     path, seconds, reused = compute_imatrix(f16_gguf, text, dst, threads)
     entries = check_imatrix_matches(path, f16_gguf)
     return ImatrixRecord(source=kind, path=str(path), sha256=sha256_file(path), text=text.name,
-                         text_sha256=text_sha256, chunks=MAX_CHUNKS, ctx=CTX, computed_s=seconds, reused=reused,
+                         text_sha256=text_sha256, chunks=_chunks_used(path), ctx=CTX, computed_s=seconds, reused=reused,
                          entries=entries)
