@@ -26,23 +26,11 @@ SHARD = re.compile(r"smollm2-135m-instruct-(f16|q8_0)-(\d{5})-of-(\d{5})\.gguf")
 
 
 @pytest.fixture(scope="module")
-def llama_tools(kiln_cache: Path) -> None:
-    """llama.cpp's tools in the session's cache: the ones `kiln setup` built on this machine, else built now."""
-    from tasks.llama_tools import build_llama_tools, tools_built, tools_dir
+def llama_tools() -> None:
+    """llama.cpp's tools, as `kiln setup` builds them (once per environment; a no-op when built)."""
+    from tasks.llama_tools import build_llama_tools
 
-    if tools_built():
-        return
-    saved = os.environ.pop("KILN_CACHE_DIR")
-    try:
-        machine = tools_dir()
-    finally:
-        os.environ["KILN_CACHE_DIR"] = saved
-    if machine.is_dir():
-        target = tools_dir()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(machine, target, dirs_exist_ok=True)
-    if not tools_built():
-        build_llama_tools()
+    build_llama_tools()
 
 
 @pytest.fixture(scope="module")
