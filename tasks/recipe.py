@@ -200,8 +200,8 @@ def load_recipe(path: Path | str) -> Recipe:
             "" if path.exists() else f"; the built-in recipes are in {BUILTIN_DIR}"))
     try:
         data = load_yaml(path, "recipe")
-    except SpecInvalid as exc:
-        raise RecipeInvalid(str(exc)) from None
+    except SpecInvalid as exc:  # PyYAML's own message spans lines (a caret under the place): one line here
+        raise RecipeInvalid(" ".join(str(exc).split())) from None
     return parse_recipe(data, path)
 
 
@@ -228,12 +228,20 @@ def quantized_by_llama(name: str, shape: tuple[int, ...]) -> bool:
     return dims >= 2 and name.endswith("weight") and not any(part in name for part in _NEVER_QUANTIZED)
 
 
-def _examples(names: list[str], n: int = 6) -> str:
-    """A few real tensor names, one of each kind (layer numbers collapsed)."""
+def _examples(names: list[str], n: int = 6, near: str | None = None) -> str:
+    """A few real tensor names, one of each kind (layer numbers collapsed), those most like `near` first."""
+    import difflib
+
     seen: dict[str, str] = {}
     for name in names:
         seen.setdefault(re.sub(r"\.\d+\.", ".N.", name), name)
-    return ", ".join(list(seen.values())[:n])
+    kinds = list(seen)
+    if near:
+        close = difflib.get_close_matches(near, [k.rsplit(".", 2)[-2] if k.count(".") >= 2 else k for k in kinds],
+                                          n=len(kinds), cutoff=0)
+        order = {short: i for i, short in enumerate(close)}
+        kinds.sort(key=lambda k: order.get(k.rsplit(".", 2)[-2] if k.count(".") >= 2 else k, len(order)))
+    return ", ".join(seen[k] for k in kinds[:n])
 
 
 def check_recipe_against(recipe: Recipe, gguf_path: Path, where: str = "") -> None:
@@ -269,8 +277,8 @@ def check_recipe_against(recipe: Recipe, gguf_path: Path, where: str = "") -> No
             continue
         shown = f"row `{row.pattern}: {row.type}`"
         if not hits:
-            raise RecipeInvalid(f"{label}: {shown} names no tensor of {model} (its {len(names)} tensors are named "
-                                f"like {_examples(names)}); fix the pattern")
+            raise RecipeInvalid(f"{label}: {shown} names no tensor of the model (its {len(names)} tensors are named "
+                                f"like {_examples(names, near=row.pattern)}); fix the pattern")
         if any(n in quantized for n in hits):
             raise RecipeInvalid(f"{label}: {shown} only matches tensors an earlier row or type already sets "
                                 f"({_examples(hits, 3)}; the first match wins); remove or reorder it")

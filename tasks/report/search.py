@@ -8,7 +8,7 @@ matrix lowers KL at the same size; a recipe spends or saves a few bytes on one k
 - with an importance matrix (`--imatrix`), T and S with it, and each recipe with it too.
 The matrix is never computed unasked: it costs a pass of the model over a calibration text.
 Then `choose_quant` picks among everything measured. A time budget stops the search between
-two candidates; the report then lists what was left unmeasured.
+two candidates (never before the first); the report then lists what was left unmeasured.
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def search_quants(
             if cand.label in candidates:
                 continue
             candidates[cand.label] = cand
-            if deadline is not None and time.monotonic() >= deadline:
+            # The first candidate is always measured: a search with nothing measured has nothing to export.
+            if deadline is not None and time.monotonic() >= deadline and measurement.rows[1:]:
                 unmeasured.append(cand.label)
                 continue
             dst = Path(work_dir) / f"{cand.label}.gguf"
