@@ -27,3 +27,50 @@ def test_a_failed_quantization_gives_libllamas_reason(tmp_path):
     with pytest.raises(QuantizationFailed, match=r"could not quantize broken.gguf to q8_0: .*failed to load model"):
         quantize_gguf(broken, tmp_path / "out.gguf", "q8_0", 1)
     assert not (tmp_path / "out.gguf").exists()
+
+
+# ------------------------------------------------------------------ through llama-quantize (a matrix or a recipe)
+
+
+def test_llama_quantize_without_a_matrix_writes_the_in_process_bytes(demo_f16_gguf, tmp_path):
+    """The tool path and the in-process path are one quantizer: any difference an imatrix makes is the matrix's."""
+    from tasks.files import sha256_file
+    from tasks.quantize import _quantize_with_tool
+
+    in_process = quantize_gguf(demo_f16_gguf, tmp_path / "a.gguf", "q4_0", 2)
+    seen: list[float] = []
+    _quantize_with_tool(demo_f16_gguf, tmp_path / "b.gguf", "q4_0", 2, None, None, seen.append)
+    assert sha256_file(tmp_path / "b.gguf") == sha256_file(in_process)
+    assert seen and seen == sorted(seen) and seen[-1] < 1  # llama-quantize's "[ n/ N]" lines as progress
+
+
+@pytest.mark.parametrize("quant", ["iq2_xs", "iq1_s", "q2_k_s"])
+def test_llama_quantize_refuses_what_kiln_refuses_without_a_matrix(demo_f16_gguf, tmp_path, quant):
+    """NEEDS_IMATRIX holds llama.cpp's own list: run without a matrix, llama-quantize says why, in one line."""
+    from tasks.quantize import NEEDS_IMATRIX, _quantize_with_tool
+
+    assert quant in NEEDS_IMATRIX
+    with pytest.raises(QuantizationFailed, match=f"to {quant}: this quantization requires an imatrix!$"):
+        _quantize_with_tool(demo_f16_gguf, tmp_path / "x.gguf", quant, 2, None, None, lambda _f: None)
+
+
+def test_without_a_matrix_types_that_need_one_are_refused_before_any_work():
+    from tasks.errors import QuantTypeUnknown
+    from tasks.quantize import check_quant_types
+
+    with pytest.raises(QuantTypeUnknown, match="iq2_m need an importance matrix.*--imatrix auto"):
+        check_quant_types(["q4_k_m", "iq2_m"])
+    check_quant_types(["q4_k_m", "iq2_m"], have_imatrix=True)
+
+
+def test_the_cache_key_holds_the_matrix_content(tmp_path):
+    from tasks.quantize import _quantize_cache_key
+
+    matrix = tmp_path / "m.gguf"
+    params = {"src": tmp_path / "f16.gguf", "dst": tmp_path / "q.gguf"}
+    plain = _quantize_cache_key(None, params)
+    matrix.write_bytes(b"one")
+    first = _quantize_cache_key(None, {**params, "imatrix": matrix})
+    matrix.write_bytes(b"two")  # the same path recomputed: another input
+    second = _quantize_cache_key(None, {**params, "imatrix": matrix})
+    assert len({plain, first, second}) == 3 and first.startswith(plain)
