@@ -29,13 +29,7 @@ from tests.support.families import FAMILIES, Family, build_standin, install_in_h
 
 QUANT = "q4_0"  # one small type: quantization is on the path, its cost is not
 # Families whose export is refused today for a reason outside the stand-in; strict, so a fix flips them.
-EXPECTED_REFUSALS: dict[str, str] = {
-    "phi-3.5-mini-instruct": (
-        "verify: llama.cpp keeps the whitespace after Phi-3's chat tokens (its RSTRIP rule applies only when "
-        "general.name contains phi-3/phi3; the converter writes 'Phi 3.5 Mini Instruct'), transformers strips it "
-        "as the tokenizer says, so the prompt token ids differ (the same GGUF named 'Phi-3.5-mini-instruct' "
-        "tokenizes as transformers does)"),
-}
+EXPECTED_REFUSALS: dict[str, str] = {}
 # Bases whose real config.json carries auto_map (custom code transformers does not need: it ships Phi3).
 AUTO_MAP_BASES = ("phi-3.5-mini-instruct", "phi-4-mini-instruct")
 REGISTRY_KEY_EXPORT = "qwen2.5-0.5b-instruct"  # small enough for any machine's disk and memory checks
@@ -141,7 +135,7 @@ def test_rebuilt_tokenizer_gives_llama_cpps_token_ids(key: str, standins: dict[s
 def _gguf_fields(path: Path) -> dict:
     from tasks.gguf_file import read_metadata
 
-    return read_metadata(path, ("general.architecture", "tokenizer.ggml.pre", "tokenizer.chat_template"))
+    return read_metadata(path, ("general.architecture", "general.name", "tokenizer.ggml.pre", "tokenizer.chat_template"))
 
 
 @pytest.mark.parametrize("key", [_param(k) for k in FAMILIES])
@@ -170,6 +164,8 @@ def test_stand_in_exports_end_to_end(key: str, family_exports, standins: dict[st
     for quant in ("f16", QUANT):
         fields = _gguf_fields(paths[quant])
         assert fields["general.architecture"] == spec.gguf_arch
+        # The repository's own spelling: libllama keys tokenizer rules on it (Phi-3's need "phi-3" in it).
+        assert fields["general.name"] == spec.hf_id.split("/")[-1]
         assert (fields["tokenizer.ggml.pre"] or "default") == pre
         template = json.loads((standins[key] / "tokenizer_config.json").read_text())["chat_template"]
         assert fields["tokenizer.chat_template"] == template

@@ -48,7 +48,7 @@ from typing import NamedTuple
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Bump when a stand-in's recipe changes, so folders cached under KILN_TEST_CACHE_DIR are rebuilt.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 VOCABS = ("llama-bpe", "llama-spm", "qwen2", "phi-3", "gpt-2")
 PHI4_MINI_TEMPLATE = (  # tokenizer_config.json of microsoft/Phi-4-mini-instruct (no copy in the repo or llama.cpp)
     "{% for message in messages %}{% if message['role'] == 'system' and 'tools' in message and message['tools'] "
@@ -317,9 +317,6 @@ PHI4_SPECIALS = tuple(Special(50257 + i, t) for i, t in enumerate((
     "<|endofprompt|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>", "<|tool|>", "<|/tool|>",
     "<|tool_call|>", "<|/tool_call|>", "<|tool_response|>", "<|tag|>")))
 PHI_AUTO_MAP = {"AutoConfig": "configuration_phi3.Phi3Config", "AutoModelForCausalLM": "modeling_phi3.Phi3ForCausalLM"}
-# Kiln refuses a config.json with auto_map unless the registry trusts remote code, though transformers
-# ships Phi3 itself and Kiln never passes trust_remote_code on: today a user must add the flag.
-PHI_FLAGS = ("--trust-remote-code",)
 
 FAMILIES: dict[str, Family] = {f.key: f for f in (
     Family(
@@ -417,7 +414,6 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
                           "add_eos_token": False, "legacy": False, "model_max_length": 131072,
                           "clean_up_tokenization_spaces": False, "sp_model_kwargs": {}},
         generation_config={"bos_token_id": 1, "eos_token_id": [32007, 32001, 32000], "pad_token_id": 32000},
-        export_flags=PHI_FLAGS,
     ),
     Family(
         key="gemma-2-2b-it", vocab="llama-spm", faithful=False,
@@ -479,7 +475,7 @@ FAMILIES: dict[str, Family] = {f.key: f for f in (
                           "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
                           "model_max_length": 131072},
         generation_config={"bos_token_id": 50256, "eos_token_id": [50259, 50256], "pad_token_id": 50256},
-        extra_specials=PHI4_SPECIALS, standin_pre="gpt-2", export_flags=PHI_FLAGS,
+        extra_specials=PHI4_SPECIALS, standin_pre="gpt-2",
     ),
 )}
 
@@ -527,14 +523,19 @@ def build_tokenizer(family: Family, models: Path, demo_dir: Path, folder: Path) 
             # (Phi-3 says `</s>` is not special); the SentencePiece model itself has the standard ones.
             model_pieces = [("<unk>", 0.0, 2), ("<s>", 0.0, 3), ("</s>", 0.0, 3), *pieces[3:]]
         (folder / "tokenizer.model").write_bytes(sentencepiece_model(model_pieces, add_dummy_prefix=family.spm_dummy_prefix))
-        tokenizer = sentencepiece_bpe(pieces, bos=config.get("bos_token"), add_dummy_prefix=family.spm_dummy_prefix)
+        # Like the BPE branch: no BOS post-processor where the tokenizer says add_bos_token false (Phi-3.5;
+        # the converter prefers the post-processor to tokenizer_config, so it would write add_bos true,
+        # where the real Phi-3.5 files convert to add_bos false).
+        bos = config.get("bos_token") if config.get("add_bos_token", True) else None
+        tokenizer = sentencepiece_bpe(pieces, bos=bos, add_dummy_prefix=family.spm_dummy_prefix)
         added = [] if family.spm_prefix else [
             Special(i, vocab.tokens[i], True) for i in range(n_pieces, len(vocab.tokens)) if vocab.types[i] == 3]
         from tokenizers import AddedToken
 
         if added:
             # Phi-3's published tokenizer: its chat tokens and `</s>` strip the whitespace after them
-            # (llama.cpp mirrors that only for a model whose general.name says phi-3 or phi3);
+            # (llama.cpp mirrors that only for a model whose general.name says phi-3 or phi3, which
+            # Kiln's conversion writes: tasks.convert.gguf_model_name);
             # `</s>` is not special, <|endoftext|> strips nothing.
             tokenizer.add_tokens([AddedToken("</s>", special=False, normalized=False, rstrip=True)])
         for tok in added:
