@@ -393,3 +393,24 @@ def test_the_renderer_is_built_once_per_source(go_renderer: GoRenderer) -> None:
     assert binary.is_file() and re.fullmatch(r"[0-9a-f]{16}", binary.parent.name)
     again = GoRenderer(cache_root=go_renderer.cache_root)
     assert again.binary() == binary  # found in the cache, not rebuilt
+
+
+def test_the_renderer_hands_templates_tools_as_ollama_does(go_renderer: GoRenderer) -> None:  # noqa: F811
+    # Ollama (template/template.go convertToolsForTemplate, api/types.go): the top-level properties are a
+    # Go map (sorted), nested ones keep the request's order, api.ToolProperty's fields in their order, and
+    # toTypeScriptType is ToolProperty.ToTypeScriptType (anyOf joined, object as Record<string, any>).
+    tool = {"type": "function", "function": {"name": "f", "description": "d", "parameters": {
+        "type": "object", "properties": {
+            "b": {"description": "nested", "type": "object",
+                  "properties": {"z": {"type": "string"}, "a": {"type": "integer"}}},
+            "a": {"anyOf": [{"type": "string"}, {"type": "null"}], "title": "dropped by Ollama"}},
+        "required": ["b"]}}}
+    text = ("{{ range .Messages }}{{ end }}{{ range .Tools }}{{ range $k, $v := .Function.Parameters.Properties }}"
+            "{{ $k }}: {{ toTypeScriptType $v }}; {{ end }}{{ json . }}{{ end }}")
+    rendered = render_go_template(text, [user("hi")], tools=[tool], renderer=go_renderer)
+    assert rendered == (
+        'a: string | null; b: Record<string, any>; '
+        '{"type":"function","function":{"name":"f","description":"d","parameters":{"type":"object",'
+        '"required":["b"],"properties":{"a":{"anyOf":[{"type":"string"},{"type":"null"}]},'
+        '"b":{"type":"object","description":"nested","properties":{"z":{"type":"string"},"a":{"type":"integer"}}}}}}}'
+    )
