@@ -348,6 +348,8 @@ def run_preflight(
     chat = choose_dialect(metadata_folder, request.dialect, hint=ref.spec.template if ref.spec else None)
     if ref.is_gguf:
         return _preflight_gguf(metadata_folder, request, chat)
+    if chat is None and request.verify:
+        raise _no_chat_template(ref)
     config = read_config(metadata_folder)
     architecture = architecture_of(config, metadata_folder)
     check_architecture(architecture, toolchain)
@@ -423,6 +425,23 @@ def _chat_check(chat: DialectChoice | None) -> Check:
         return Check(name="chat template", target="source", passed=True,
                      detail="no chat template and no --dialect: GGUF files only, no Modelfile")
     return Check(name="chat template", target="source", passed=True, detail=chat.detail)
+
+
+def _no_chat_template(ref: SourceRef) -> KilnError:
+    """A Hugging Face source with no chat template and no --dialect, to be verified: refused here, not in verify.
+
+    Verification prompts the model through its chat template, and the Modelfile needs one. With
+    --no-verify such a folder (a base model, say) still converts: GGUF files only, no Modelfile.
+    """
+    from tasks.fetch import display_source
+    from tasks.template_check import NoChatTemplate
+
+    return NoChatTemplate(
+        f"{display_source(ref)} has no chat template (neither chat_template.jinja nor tokenizer_config.json's "
+        f"chat_template), so Kiln can neither prompt it to verify it nor write its Modelfile; pass --dialect NAME "
+        f"to choose the chat format (one of: {', '.join(registered_dialects())}), add the model's chat_template "
+        f"to tokenizer_config.json or as chat_template.jinja, or pass --no-verify for GGUF files only (no Modelfile)"
+    )
 
 
 def gguf_file_type(path: Path) -> str:

@@ -126,17 +126,30 @@ class ComparisonOverBudget(VerificationFailed):
     """The transformers comparison cannot run within the memory budget."""
 
 
-def _chat_sequences(hf_dir: Path, run: GgufRun) -> tuple[list[list[int]], bool]:
-    """Each prompt plus the GGUF's own continuation, and whether transformers tokenizes the prompts identically."""
+def _chat_sequences(hf_dir: Path, run: GgufRun, chat: DialectChoice | None = None) -> tuple[list[list[int]], bool]:
+    """Each prompt plus the GGUF's own continuation, and whether transformers tokenizes the prompts identically.
+
+    A model with no chat template of its own (exported with --dialect) is rendered on this side
+    through the dialect's Jinja equivalent, as the GGUF side renders the dialect's Go template.
+    """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    template = None
+    if not tokenizer.chat_template and chat is not None:
+        from tasks.ollama_plan import dialect_jinja
+
+        template = dialect_jinja(chat.dialect)
+        if template is None:
+            raise VerificationFailed(f"{hf_dir} has no chat template and Kiln holds no Jinja template for the "
+                                     f"{chat.dialect} dialect to prompt transformers with; add the model's "
+                                     "chat_template to tokenizer_config.json, or pass --no-verify")
     same_tokens = True
     sequences = []
     for gen in run.generations:
         hf_ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": gen.prompt}], add_generation_prompt=True, tokenize=True,
-            return_dict=False,
+            return_dict=False, chat_template=template,
         )
         if list(hf_ids) != gen.prompt_tokens:
             same_tokens = False
@@ -213,8 +226,8 @@ def _hf_argmax(hf_dir: Path, sequences: list[list[int]], budget: int) -> list[ob
         model.close()
 
 
-def top1_agreement(gguf_path: Path, hf_dir: Path, run: GgufRun, budget: int | None = None
-                   ) -> tuple[float, bool, int]:
+def top1_agreement(gguf_path: Path, hf_dir: Path, run: GgufRun, budget: int | None = None,
+                   chat: DialectChoice | None = None) -> tuple[float, bool, int]:
     """(agreement, tokenization identical, positions compared) between the GGUF and transformers.
 
     The GGUF runs first and is closed before transformers starts, so the two never share memory:
@@ -222,7 +235,7 @@ def top1_agreement(gguf_path: Path, hf_dir: Path, run: GgufRun, budget: int | No
     """
     from tasks import settings
 
-    sequences, same_tokens = _chat_sequences(hf_dir, run)
+    sequences, same_tokens = _chat_sequences(hf_dir, run, chat)
     gguf_tops = _gguf_argmax(gguf_path, sequences)
     hf_tops = _hf_argmax(hf_dir, sequences, settings.memory_budget_bytes() if budget is None else budget)
     agree = sum(int((g == h).sum()) for g, h in zip(gguf_tops, hf_tops))
@@ -256,7 +269,8 @@ def verify_outputs(outputs: dict[str, Path], hf_dir: Path | None, float_quant: s
             detail=f"{detail}; {VERIFY_PROMPTS[0]!r} -> {answer[:120]!r}",
         ))
     if hf_dir is not None and float_quant is not None and float_quant in runs:
-        agreement, same_tokens, positions = top1_agreement(outputs[float_quant], hf_dir, runs[float_quant])
+        agreement, same_tokens, positions = top1_agreement(outputs[float_quant], hf_dir, runs[float_quant],
+                                                           chat=chat)
         checks.append(Check(
             name="tokenization matches transformers", target=float_quant, passed=same_tokens,
             detail="prompt token ids identical" if same_tokens else "prompt token ids differ from the HF tokenizer",

@@ -379,6 +379,50 @@ def test_cli_refusal_F04_quant_auto_on_a_quantized_gguf(demo_export, tmp_path):
     _refused_before_prefect(proc, out, "is already q4_k_m: --quant auto measures its candidates against a float GGUF")
 
 
+def _without_chat_template(demo_model_dir: Path, folder: Path) -> Path:
+    """The demo folder with its chat template taken out (a base model's folder looks like this)."""
+    folder.mkdir()
+    for path in demo_model_dir.iterdir():
+        if path.is_file() and path.name not in ("chat_template.jinja", "tokenizer_config.json"):
+            (folder / path.name).hardlink_to(path)
+    config = json.loads((demo_model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    return folder
+
+
+def test_cli_refusal_F06_hf_folder_without_a_chat_template(demo_model_dir, tmp_path):
+    """Was: converted and quantized, then failed in verify (transformers has no template to prompt with)."""
+    folder = _without_chat_template(demo_model_dir, tmp_path / "no-template")
+    out = tmp_path / "out"
+    proc = run_kiln("export", str(folder), "--out", str(out), timeout=120)
+    _refused_before_prefect(proc, out, "no-template has no chat template", "pass --dialect NAME", "chatml",
+                            "tokenizer_config.json", "chat_template.jinja", "--no-verify")
+
+
+def test_F06_the_fixes_it_names_work(demo_model_dir, tmp_path):
+    """Both ways out the refusal names, as typed: --dialect (verified through the dialect on both sides,
+    transformers included) and --no-verify (GGUF files only). Same folder name and files: one conversion."""
+    folder = _without_chat_template(demo_model_dir, tmp_path / "no-template")
+    out = tmp_path / "with-dialect"
+    proc = run_kiln("export", str(folder), "--dialect", "chatml", "--quant", "q8_0", "--no-report",
+                    "--out", str(out), "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checks = {(c["name"], c["target"]): c for c in json.loads(proc.stdout)["checks"]}
+    assert checks[("tokenization matches transformers", "f16")]["passed"], checks
+    assert checks[("top-1 agreement with transformers", "f16")]["passed"], checks
+    assert len(list(out.glob("*.Modelfile"))) == 2  # f16 and q8_0, each with the dialect's TEMPLATE
+
+    out = tmp_path / "unverified"
+    proc = run_kiln("export", str(folder), "--no-verify", "--quant", "q8_0", "--no-report",
+                    "--out", str(out), "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    checks = {(c["name"], c["target"]): c for c in json.loads(proc.stdout)["checks"]}
+    assert checks[("chat template", "source")]["detail"] == "no chat template and no --dialect: GGUF files only, no Modelfile"
+    assert sorted(p.name for p in out.glob("*.gguf")) == ["no-template-f16.gguf", "no-template-q8_0.gguf"]
+    assert not list(out.glob("*.Modelfile"))
+
+
 def test_flow_refusal_F05_leaves_no_output_folder(prefect_server, tmp_path):
     """A refusal inside the `export` flow (a deployment run: no CLI preflight before it) leaves no folder:
     the export lock lives in the cache, and the folder is made when the first output is placed."""
