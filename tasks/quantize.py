@@ -40,6 +40,9 @@ BITS_PER_WEIGHT = {
     "f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.6,
     "q5_1": 6.0, "q5_0": 5.5, "q4_k_m": 4.9, "q4_k_s": 4.6, "q4_1": 5.0, "q4_0": 4.5, "iq4_nl": 4.5,
     "iq4_xs": 4.3, "q3_k_l": 4.3, "q3_k_m": 3.9, "q3_k_s": 3.5, "q2_k": 3.4,
+    # The types that need an importance matrix (llama-quantize's table, rounded up).
+    "iq3_xs": 3.3, "iq3_xxs": 3.1, "q2_k_s": 3.0, "iq2_m": 2.7, "iq2_s": 2.5, "iq2_xs": 2.4, "iq2_xxs": 2.1,
+    "iq1_m": 1.8, "iq1_s": 1.6,
 }
 
 

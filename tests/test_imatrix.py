@@ -186,6 +186,17 @@ def test_cli_refuses_a_matrix_for_another_model(tmp_path, demo_f16_gguf):
     assert "quantize to" not in proc.stderr  # nothing was quantized with it
 
 
+def test_cli_refuses_a_text_too_short_for_the_models_tokens(tmp_path):
+    """Long enough in bytes to pass the check before Prefect; llama-imatrix counts the tokens and says."""
+    text = tmp_path / "calib.txt"
+    text.write_text("A kiln fires clay slowly, and the potter waits for it to cool. " * 30)  # ~1900 bytes, ~400 tokens
+    out = tmp_path / "out"
+    proc = run_kiln("export", "demo", "--quant", "q4_k_m", "--imatrix", str(text), "--no-verify", "--no-report",
+                    "--out", str(out), timeout=600)
+    _refused(proc, out, "calib.txt is too short for this model: it tokenizes to", "needs two chunks of 512",
+             before_prefect=False)
+
+
 # ------------------------------------------------------------------ a real export with a matrix
 
 
