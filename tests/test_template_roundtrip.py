@@ -211,3 +211,18 @@ def test_tool_json_limit_request_order_of_properties(go_renderer) -> None:  # no
                                '"city": {"type": "string"}, "unit": {"type": "string"}').replace(
         '{"unit": "c", "city": "Paris"}', '{"city": "Paris", "unit": "c"}')
     assert got == swapped
+
+
+@pytest.mark.parametrize("dialect", [d for d in templates.verified_dialects()])
+def test_each_verified_dialect_has_a_jinja_equivalent_for_prebuilt_ggufs(dialect, go_renderer) -> None:  # noqa: F811
+    # `kiln export X.gguf --dialect D` writes this Jinja into the GGUF (tasks/ollama_plan.py): it must render
+    # what D's Go template renders with no Modelfile SYSTEM, tool conversations included.
+    from tasks.ollama_plan import dialect_jinja
+
+    jinja = dialect_jinja(dialect)
+    assert jinja is not None
+    row = templates.get_dialect(dialect)
+    ref = row.references[0]
+    check = check_template_text(jinja, bos_token=ref.bos_token, eos_token=ref.eos_token, dialect=dialect,
+                                renderer=go_renderer)
+    assert check.verified and check.system is None and check.mismatches == ()
