@@ -414,3 +414,19 @@ def test_the_renderer_hands_templates_tools_as_ollama_does(go_renderer: GoRender
         '"required":["b"],"properties":{"a":{"anyOf":[{"type":"string"},{"type":"null"}]},'
         '"b":{"type":"object","description":"nested","properties":{"z":{"type":"string"},"a":{"type":"integer"}}}}}}}'
     )
+
+
+# The text each model writes before its tool calls (what its own template puts there): Ollama's
+# tool-call parser waits for the tag it derives from the TEMPLATE before it reads any call, so a
+# wrong tag means tool calls come back as plain text. "{": the model answers with bare JSON.
+TOOL_TAGS = {"qwen2.5": "<tool_call>", "qwen3thinking": "<tool_call>", "llama3": "{",
+             "mistral": "[TOOL_CALLS][", "mistralv3": "[TOOL_CALLS] ["}
+
+
+def test_ollamas_tool_call_parser_finds_each_models_tool_call_tag(go_renderer: GoRenderer) -> None:  # noqa: F811
+    assert {d for d in DIALECTS if templates.get_dialect(d).has_tools} == set(TOOL_TAGS)
+    for dialect, tag in TOOL_TAGS.items():
+        assert go_renderer.tool_tag(templates.load_template_text(dialect)) == tag, dialect
+    # The parser's own rules (tools/template.go): the first text inside the first `if` on .ToolCalls, up to "{".
+    assert go_renderer.tool_tag('{{ range .Messages }}{{ if .ToolCalls }}\n[CALLS] {"a": 1}{{ end }}{{ end }}') == "[CALLS]"
+    assert go_renderer.tool_tag("{{ range .Messages }}{{ range .ToolCalls }}<call>{{ end }}{{ end }}") == "{"

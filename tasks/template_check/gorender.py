@@ -35,6 +35,8 @@ class GoRenderJob:
     think: bool | str | None = None
     # Pins currentDate/yesterdayDate ("YYYY-MM-DD"); None means the clock.
     today: str | None = None
+    # Instead of a render: the tag Ollama's tool-call parser derives from the template.
+    tool_tag: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -45,6 +47,7 @@ class GoRenderJob:
             "tools": list(self.tools) if self.tools is not None else None,
             "think": self.think,
             "today": self.today or "",
+            "tool_tag": self.tool_tag,
         }
 
 
@@ -149,6 +152,11 @@ class GoRenderer:
         if len(results) != len(jobs):
             raise GoRendererFailed(f"the Go template renderer answered {len(results)} results for {len(jobs)} jobs")
         return [r["render"] if "render" in r else GoRenderError(r.get("error", "unknown error")) for r in results]
+
+    def tool_tag(self, template: str) -> str:
+        """The text Ollama's tool-call parser waits for in a reply before it reads tool calls, as Ollama
+        derives it from `template` (tools/template.go parseTag); "{" means a reply that starts with JSON."""
+        return self.render(GoRenderJob(template=template, messages=(), tool_tag=True))
 
     def render(self, job: GoRenderJob) -> str:
         """Render one job; a template error becomes a TemplateCheckError."""

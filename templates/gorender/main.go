@@ -214,6 +214,10 @@ type job struct {
 	Think json.RawMessage `json:"think"`
 	// Today pins currentDate/yesterdayDate ("2006-01-02"); empty means the clock.
 	Today string `json:"today"`
+	// ToolTag asks, instead of a render, for the tag Ollama's tool-call
+	// parser looks for in the model's output, as it derives it from this
+	// template (tools/template.go parseTag).
+	ToolTag bool `json:"tool_tag"`
 }
 
 type result struct {
@@ -687,6 +691,125 @@ func render(j job) (string, error) {
 	return out.String(), nil
 }
 
+// toolTag is Ollama's tools.parseTag: the first non-blank text inside the
+// first {{if}} whose condition names .ToolCalls, up to any "{", trimmed; "{"
+// when there is none (then only output that starts with a JSON object is
+// parsed as a tool call). Only the template's main tree is searched, as
+// Ollama does, not its {{define}}s.
+func toolTag(j job) (string, error) {
+	t, _, err := parseTemplate(j.Template, time.Now())
+	if err != nil {
+		return "", err
+	}
+	tc := findToolCallNode(t.Tree.Root.Nodes)
+	if tc == nil {
+		return "{", nil
+	}
+	tn := findTextNode(tc.List.Nodes)
+	if tn == nil {
+		return "{", nil
+	}
+	tag := strings.ReplaceAll(string(tn.Text), "\r\n", "\n")
+	tag, _, _ = strings.Cut(tag, "{")
+	tag = strings.TrimSpace(tag)
+	if tag == "" {
+		tag = "{"
+	}
+	return tag, nil
+}
+
+func findToolCallNode(nodes []parse.Node) *parse.IfNode {
+	isToolCalls := func(n *parse.IfNode) bool {
+		for _, cmd := range n.Pipe.Cmds {
+			for _, arg := range cmd.Args {
+				if field, ok := arg.(*parse.FieldNode); ok {
+					for _, id := range field.Ident {
+						if id == "ToolCalls" {
+							return true
+						}
+					}
+				}
+			}
+		}
+		return false
+	}
+	for _, node := range nodes {
+		switch n := node.(type) {
+		case *parse.IfNode:
+			if isToolCalls(n) {
+				return n
+			}
+			if r := findToolCallNode(n.List.Nodes); r != nil {
+				return r
+			}
+			if n.ElseList != nil {
+				if r := findToolCallNode(n.ElseList.Nodes); r != nil {
+					return r
+				}
+			}
+		case *parse.ListNode:
+			if r := findToolCallNode(n.Nodes); r != nil {
+				return r
+			}
+		case *parse.RangeNode:
+			if r := findToolCallNode(n.List.Nodes); r != nil {
+				return r
+			}
+			if n.ElseList != nil {
+				if r := findToolCallNode(n.ElseList.Nodes); r != nil {
+					return r
+				}
+			}
+		case *parse.WithNode:
+			if r := findToolCallNode(n.List.Nodes); r != nil {
+				return r
+			}
+			if n.ElseList != nil {
+				if r := findToolCallNode(n.ElseList.Nodes); r != nil {
+					return r
+				}
+			}
+		}
+	}
+	return nil
+}
+
+func findTextNode(nodes []parse.Node) *parse.TextNode {
+	for _, node := range nodes {
+		switch n := node.(type) {
+		case *parse.TextNode:
+			if len(bytes.TrimSpace(n.Text)) == 0 {
+				continue
+			}
+			return n
+		case *parse.IfNode:
+			return firstText(n.List, n.ElseList)
+		case *parse.ListNode:
+			if text := findTextNode(n.Nodes); text != nil {
+				return text
+			}
+		case *parse.RangeNode:
+			return firstText(n.List, n.ElseList)
+		case *parse.WithNode:
+			return firstText(n.List, n.ElseList)
+		case *parse.ActionNode:
+			return nil
+		}
+	}
+	return nil
+}
+
+// firstText searches a branch's body, then its else part, and stops there.
+func firstText(list, elseList *parse.ListNode) *parse.TextNode {
+	if text := findTextNode(list.Nodes); text != nil {
+		return text
+	}
+	if elseList != nil {
+		return findTextNode(elseList.Nodes)
+	}
+	return nil
+}
+
 func main() {
 	raw, err := io.ReadAll(os.Stdin)
 	if err != nil {
@@ -702,6 +825,10 @@ func main() {
 	}
 	results := make([]result, len(in.Jobs))
 	for i, j := range in.Jobs {
+		render := render
+		if j.ToolTag {
+			render = toolTag
+		}
 		text, err := render(j)
 		if err != nil {
 			results[i] = result{Error: err.Error()}
