@@ -208,3 +208,52 @@ def test_refuses_missing_files_and_short_texts(demo_f16_gguf: Path, tmp_path: Pa
     short.write_text("Too short to score.")
     with pytest.raises(rp.ReportError, match="fewer than one chunk"):
         rp.measure_quants(demo_f16_gguf, {}, eval_text_path=short, chat_prompts=[])
+
+
+# ------------------------------------------------------------------ --quant auto's search (tasks/report/search.py)
+
+
+def test_search_varies_the_types_at_the_bound(synthetic: rp.QuantReport) -> None:
+    from tasks.report.search import boundary_types
+
+    # Under a size bound: the best that fits and the next larger (a smaller recipe of it may fit).
+    assert boundary_types(synthetic, rp.parse_size("500MB"), None) == ["q3_k_m", "q4_k_m"]
+    # Under a KL bound: the smallest good enough and the next smaller (a matrix may bring it in).
+    assert boundary_types(synthetic, None, 0.05) == ["q4_k_m", "q3_k_m"]
+    assert boundary_types(synthetic, int(900e6), 0.05) == ["q6_k", "q8_0", "q5_k_m"]
+    assert boundary_types(synthetic, int(100e6), None) == ["q2_k"]
+    assert boundary_types(synthetic, None, 0.0001) == ["q8_0"]
+
+
+def test_search_table_says_why_each_candidate_lost(synthetic: rp.QuantReport, tmp_path: Path) -> None:
+    rows = synthetic.rows + [_row("q4_k_m-embed-q5", 480, 0.05)]
+    report = synthetic.model_copy(update={"rows": rows})
+    choice = rp.choose_quant(report, max_size_bytes=rp.parse_size("500MB")).model_copy(update={
+        "candidates": {r.quant: r.quant for r in rows if not r.is_reference} | {"q4_k_m-attn-v-q8": "q4_k_m, recipe"},
+        "unmeasured": ["q4_k_m-attn-v-q8"], "budget_seconds": 60.0, "search_seconds": 61.0})
+    assert choice.quant == "q4_k_m-embed-q5"
+    text = rp.report_markdown(report, choice)
+    assert "| q4_k_m-embed-q5 | q4_k_m-embed-q5 | 480.0 MB | 0.0500 | **chosen** |" in text
+    assert "| q3_k_m | q3_k_m | 490.0 MB | 0.1200 | within the bound, but KL 0.1200 > 0.0500 |" in text
+    assert "| q4_k_m | q4_k_m | 610.0 MB | 0.0400 | 610.0 MB is over 500.0 MB |" in text
+    assert "| q4_k_m-attn-v-q8 | q4_k_m, recipe | – | – | not measured: the search budget ran out |" in text
+    assert "the search was cut short" in text
+    png = rp.plot_report(report, tmp_path / "plot.png", choice)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_search_measures_recipes_and_skips_one_that_changes_nothing(demo_f16_gguf: Path, tmp_path: Path) -> None:
+    from tasks.recipe import BUILTIN_DIR, load_recipe
+    from tasks.report.search import search_quants
+
+    recipes = [(BUILTIN_DIR / f"{name}.yaml", load_recipe(BUILTIN_DIR / f"{name}.yaml"))
+               for name in ("attn-v-q8", "output-q8")]
+    report, choice, chosen = search_quants(demo_f16_gguf, tmp_path, rp.parse_size("10GB"), None, recipes=recipes,
+                                           standard=("q4_k_m",), n_ctx=64, chat_prompts=[], gen_tokens=4)
+    assert list(choice.candidates) == ["q4_k_m", "q4_k_m-attn-v-q8", "q4_k_m-output-q8"]
+    # SmolLM2's embedding is tied and its rows are not whole q6_k blocks: q4_k_m already stores it as q8_0.
+    assert "the same file as q4_k_m" in choice.rejected["q4_k_m-output-q8"]
+    attn_v = report.row("q4_k_m-attn-v-q8")
+    assert attn_v.size_bytes > report.row("q4_k_m").size_bytes and attn_v.quantize_seconds is not None
+    assert chosen.label == choice.quant and chosen.quant == "q4_k_m"
+    assert not list(tmp_path.glob("*.gguf"))  # candidates are deleted once measured
