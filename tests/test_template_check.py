@@ -430,3 +430,13 @@ def test_ollamas_tool_call_parser_finds_each_models_tool_call_tag(go_renderer: G
     # The parser's own rules (tools/template.go): the first text inside the first `if` on .ToolCalls, up to "{".
     assert go_renderer.tool_tag('{{ range .Messages }}{{ if .ToolCalls }}\n[CALLS] {"a": 1}{{ end }}{{ end }}') == "[CALLS]"
     assert go_renderer.tool_tag("{{ range .Messages }}{{ range .ToolCalls }}<call>{{ end }}{{ end }}") == "{"
+
+
+def test_ollamas_thinking_parser_finds_the_think_tags(go_renderer: GoRenderer) -> None:  # noqa: F811
+    # Ollama splits a reply's thinking out only with tags it infers from the TEMPLATE (thinking/template.go
+    # InferTags: the text around a {{ .Thinking }} inside a range over .Messages); none found, none split.
+    printing = [d for d in DIALECTS if ".Thinking" in templates.load_template_text(d)]
+    assert printing == ["qwen3thinking"]
+    assert go_renderer.think_tags(templates.load_template_text("qwen3thinking")) == ("<think>", "</think>")
+    # A range over a variable holding .Messages is not recognised (what qwen3thinking did before).
+    assert go_renderer.think_tags("{{ $m := .Messages }}{{ range $m }}<t>{{ .Thinking }}</t>{{ end }}") == ("", "")

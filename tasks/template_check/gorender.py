@@ -35,8 +35,10 @@ class GoRenderJob:
     think: bool | str | None = None
     # Pins currentDate/yesterdayDate ("YYYY-MM-DD"); None means the clock.
     today: str | None = None
-    # Instead of a render: the tag Ollama's tool-call parser derives from the template.
+    # Instead of a render: the tag Ollama's tool-call parser derives from the template,
+    # or the tags its thinking parser does.
     tool_tag: bool = False
+    think_tags: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -48,6 +50,7 @@ class GoRenderJob:
             "think": self.think,
             "today": self.today or "",
             "tool_tag": self.tool_tag,
+            "think_tags": self.think_tags,
         }
 
 
@@ -157,6 +160,12 @@ class GoRenderer:
         """The text Ollama's tool-call parser waits for in a reply before it reads tool calls, as Ollama
         derives it from `template` (tools/template.go parseTag); "{" means a reply that starts with JSON."""
         return self.render(GoRenderJob(template=template, messages=(), tool_tag=True))
+
+    def think_tags(self, template: str) -> tuple[str, str]:
+        """The (opening, closing) tags Ollama's thinking parser infers from `template`
+        (thinking/template.go InferTags); ("", "") when it finds none and leaves thinking in the reply."""
+        opening, closing = self.render(GoRenderJob(template=template, messages=(), think_tags=True)).split("\n")
+        return opening, closing
 
     def render(self, job: GoRenderJob) -> str:
         """Render one job; a template error becomes a TemplateCheckError."""

@@ -218,6 +218,9 @@ type job struct {
 	// parser looks for in the model's output, as it derives it from this
 	// template (tools/template.go parseTag).
 	ToolTag bool `json:"tool_tag"`
+	// ThinkTags asks for the tags Ollama's thinking parser derives from this
+	// template (thinking/template.go InferTags), as "opening\nclosing".
+	ThinkTags bool `json:"think_tags"`
 }
 
 type result struct {
@@ -810,6 +813,109 @@ func firstText(list, elseList *parse.ListNode) *parse.TextNode {
 	return nil
 }
 
+// thinkTags is Ollama's thinking.InferTags: at each {{ .Thinking }} inside a
+// range over .Messages, the first and last text of the nearest enclosing
+// list, trimmed (the last such field wins); empty when there is none, and
+// then Ollama does not split thinking out of a reply.
+func thinkTags(j job) (string, error) {
+	t, _, err := parseTemplate(j.Template, time.Now())
+	if err != nil {
+		return "", err
+	}
+	var ancestors []parse.Node
+	opening, closing := "", ""
+	enter := func(n parse.Node) bool {
+		ancestors = append(ancestors, n)
+		f, ok := n.(*parse.FieldNode)
+		if !ok || len(f.Ident) == 0 || f.Ident[0] != "Thinking" {
+			return true
+		}
+		var rng *parse.RangeNode
+		for i := len(ancestors) - 1; i >= 0; i-- {
+			if r, ok := ancestors[i].(*parse.RangeNode); ok {
+				rng = r
+				break
+			}
+		}
+		if rng == nil || !rangeUsesField(rng, "Messages") {
+			return true
+		}
+		for i := len(ancestors) - 1; i >= 0; i-- {
+			if l, ok := ancestors[i].(*parse.ListNode); ok {
+				if t, ok := l.Nodes[0].(*parse.TextNode); ok {
+					opening = strings.TrimSpace(t.String())
+				}
+				if t, ok := l.Nodes[len(l.Nodes)-1].(*parse.TextNode); ok {
+					closing = strings.TrimSpace(t.String())
+				}
+				break
+			}
+		}
+		return true
+	}
+	exit := func(parse.Node) { ancestors = ancestors[:len(ancestors)-1] }
+	visit(t.Tree.Root, enter, exit)
+	return opening + "\n" + closing, nil
+}
+
+func rangeUsesField(r *parse.RangeNode, field string) bool {
+	found := false
+	visit(r.BranchNode.Pipe, func(n parse.Node) bool {
+		if f, ok := n.(*parse.FieldNode); ok && f.Ident[0] == field {
+			found = true
+		}
+		return true
+	}, nil)
+	return found
+}
+
+// visit walks a template tree as Ollama's thinking.templateVisit does.
+func visit(n parse.Node, enter func(parse.Node) bool, exit func(parse.Node)) {
+	if n == nil {
+		return
+	}
+	if !enter(n) {
+		return
+	}
+	switch x := n.(type) {
+	case *parse.ListNode:
+		for _, c := range x.Nodes {
+			visit(c, enter, exit)
+		}
+	case *parse.BranchNode:
+		if x.Pipe != nil {
+			visit(x.Pipe, enter, exit)
+		}
+		if x.List != nil {
+			visit(x.List, enter, exit)
+		}
+		if x.ElseList != nil {
+			visit(x.ElseList, enter, exit)
+		}
+	case *parse.ActionNode:
+		visit(x.Pipe, enter, exit)
+	case *parse.WithNode:
+		visit(&x.BranchNode, enter, exit)
+	case *parse.RangeNode:
+		visit(&x.BranchNode, enter, exit)
+	case *parse.IfNode:
+		visit(&x.BranchNode, enter, exit)
+	case *parse.TemplateNode:
+		visit(x.Pipe, enter, exit)
+	case *parse.PipeNode:
+		for _, c := range x.Cmds {
+			visit(c, enter, exit)
+		}
+	case *parse.CommandNode:
+		for _, a := range x.Args {
+			visit(a, enter, exit)
+		}
+	}
+	if exit != nil {
+		exit(n)
+	}
+}
+
 func main() {
 	raw, err := io.ReadAll(os.Stdin)
 	if err != nil {
@@ -828,6 +934,8 @@ func main() {
 		render := render
 		if j.ToolTag {
 			render = toolTag
+		} else if j.ThinkTags {
+			render = thinkTags
 		}
 		text, err := render(j)
 		if err != nil {
