@@ -234,13 +234,17 @@ def choose_quant_by_measuring(
     import tempfile
 
     from tasks.files import cache_dir
-    from tasks.recipe import builtin_recipes, load_recipe
+    from tasks.recipe import builtin_recipes, check_recipe_against, load_recipe
     from tasks.report.search import search_quants
     from tasks.units import parse_duration, parse_size
 
     base_only = request.model_copy(update={"quants": []})
     float_gguf = next(iter(run_placed(source, base_only, toolchain, adapter).values()))
-    recipes = builtin_recipes() + ([(Path(request.recipe), load_recipe(request.recipe))] if request.recipe else [])
+    recipes = builtin_recipes()
+    if request.recipe:  # the user's own recipe must fit the model (a built-in one that does not is left out)
+        mine = load_recipe(request.recipe)
+        check_recipe_against(mine, float_gguf, f"recipe {request.recipe}")
+        recipes.append((Path(request.recipe), mine))
     matrix = search_imatrix(request, float_gguf, toolchain)
     with tempfile.TemporaryDirectory(prefix="kiln-auto-", dir=cache_dir()) as work:
         measured, choice, chosen = search_quants(
