@@ -11,7 +11,7 @@ On SmolLM2-135M-Instruct (the demo model) this:
   6. measures every file against f16 with the report's own measurement (tasks/report/: KL divergence
      on tasks/eval_text/, which shares no passage with the calibration text), and prints both.
 
-    .venv/bin/python bench/imatrix.py [--types q4_k_m,q3_k_m] [--threads N]
+    .venv/bin/python bench/imatrix.py [--types q4_k_m,q3_k_m] [--threads N] [--n-ctx 512] [--n-chunks 8]
 
 Uses `KILN_CACHE_DIR` (default: the user's cache) for the demo folder and its f16 conversion.
 """
@@ -37,11 +37,16 @@ def main() -> int:
     from tasks.files import sha256_file
     from tasks.imatrix import CALIBRATION_TEXT, CTX, MAX_CHUNKS, compute_imatrix
     from tasks.quantize import _quantize_with_tool, quantize_gguf
+    from tasks.report.measure import _machine
     from tasks.toolchain import current_toolchain
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--types", default="q4_k_m", help="comma-separated quant types (default q4_k_m)")
     ap.add_argument("--threads", type=int, default=None, help="threads for every step (default: CPU count)")
+    # More of the evaluation text than an export's report scores (1 chunk of 256): two quantizations of
+    # one type differ by less than the types do, and 127 tokens cannot tell them apart reliably.
+    ap.add_argument("--n-ctx", type=int, default=512)
+    ap.add_argument("--n-chunks", type=int, default=8, help="chunks of the evaluation text (its ~4200 tokens: 8 of 512)")
     args = ap.parse_args()
     types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
     threads = args.threads or os.cpu_count() or 1
@@ -50,7 +55,7 @@ def main() -> int:
     source = ResolvedSource(kind="demo", id="demo", path=str(demo_dir),
                             files=fingerprint(model_files(demo_dir), demo_dir))
     f16, _ = convert_to_gguf(demo_dir, conversion_key(source), "f16", current_toolchain(), gguf_model_name(source))
-    print(f"machine: {rp._machine()}; {threads} threads; load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"machine: {_machine()}; {threads} threads; load average {os.getloadavg()[0]:.2f}", flush=True)
 
     files: dict[str, Path] = {}
     seconds: dict[str, float] = {}
@@ -80,7 +85,8 @@ def main() -> int:
             seconds[label] = round(time.perf_counter() - t0, 2)
             print(f"{label}: llama-quantize with the matrix {seconds[label]:.1f} s", flush=True)
 
-        report = rp.measure_quants(f16, files, n_threads=threads, quantize_seconds=seconds)
+        report = rp.measure_quants(f16, files, n_threads=threads, quantize_seconds=seconds, n_ctx=args.n_ctx,
+                                   n_chunks=args.n_chunks)
 
     from rich.console import Console
 
