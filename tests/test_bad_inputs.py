@@ -418,7 +418,8 @@ def test_F06_the_fixes_it_names_work(demo_model_dir, tmp_path):
                     "--out", str(out), "--json", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     checks = {(c["name"], c["target"]): c for c in json.loads(proc.stdout)["checks"]}
-    assert checks[("chat template", "source")]["detail"] == "no chat template and no --dialect: GGUF files only, no Modelfile"
+    chat = checks[("chat template", "source")]["detail"]
+    assert chat == "no chat template and no --dialect: GGUF files only, no Modelfile", chat
     assert sorted(p.name for p in out.glob("*.gguf")) == ["no-template-f16.gguf", "no-template-q8_0.gguf"]
     assert not list(out.glob("*.Modelfile"))
 

@@ -135,7 +135,8 @@ def test_rebuilt_tokenizer_gives_llama_cpps_token_ids(key: str, standins: dict[s
 def _gguf_fields(path: Path) -> dict:
     from tasks.gguf_file import read_metadata
 
-    return read_metadata(path, ("general.architecture", "general.name", "tokenizer.ggml.pre", "tokenizer.chat_template"))
+    return read_metadata(path, ("general.architecture", "general.name", "tokenizer.ggml.pre",
+                                "tokenizer.chat_template"))
 
 
 @pytest.mark.parametrize("key", [_param(k) for k in FAMILIES])
