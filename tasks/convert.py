@@ -44,6 +44,9 @@ _WRITER_TOTAL_RE = re.compile(r"Writing:.*?/\s*([\d.]+)\s*([kMGT]?)(?:B|byte)?\b
 _SI = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 # Below this much free space a failed build is taken to have failed for want of space.
 _NEARLY_FULL = 16 * 1024 * 1024
+# libllama's Phi-3 rule matches these in the lowercased general.name (src/llama-vocab.cpp).
+_PHI3_NAME_TAGS = ("phi-3", "phi3")
+_PHI3_ARCHITECTURES = frozenset({"Phi3ForCausalLM", "PhiMoEForCausalLM"})
 # A Hub repository's name part (ORG/NAME), as config.json's `_name_or_path` records it.
 _HUB_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -62,8 +65,33 @@ def gguf_model_name(source: ResolvedSource) -> str:
     - A local folder (and the demo): see `folder_model_name`.
     """
     if source.kind in ("hf", "registry"):
-        return source.id.rsplit("/", 1)[-1]
-    return folder_model_name(Path(source.path))
+        name = source.id.rsplit("/", 1)[-1]
+    else:
+        name = folder_model_name(Path(source.path))
+    if _tokenizes_like_phi3(Path(source.path)) and not any(tag in name.lower() for tag in _PHI3_NAME_TAGS):
+        # A Phi-3 fine-tune under a name of its own ("my-ft") has Phi-3's tokenizer, so it needs the
+        # rule libllama grants by name alone: without it, its chat prompts tokenize unlike transformers'.
+        name = f"{name}-phi3"
+    return name
+
+
+def _tokenizes_like_phi3(folder: Path) -> bool:
+    """A Phi-3 architecture whose tokenizer.json strips the whitespace after a special token (Phi-3's `<|end|>`).
+
+    Phi-4-mini shares the architecture but not the stripping tokens, so it keeps its own name.
+    """
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        tokenizer = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict) or not isinstance(tokenizer, dict):
+        return False
+    architectures = config.get("architectures") or []
+    if not isinstance(architectures, list) or not _PHI3_ARCHITECTURES.intersection(map(str, architectures)):
+        return False
+    added = tokenizer.get("added_tokens") or []
+    return any(isinstance(t, dict) and t.get("special") and t.get("rstrip") for t in added)
 
 
 def folder_model_name(folder: Path) -> str:

@@ -193,3 +193,24 @@ def test_a_registry_base_with_an_unneeded_auto_map_is_not_refused(key: str, hub_
     proc = run_kiln("export", key, "--accept-license", "--quant", QUANT, "--no-report", "--no-verify",
                     "--out", str(tmp_path / "out"), env=_hub_env(hub_cache), timeout=900)
     assert "custom Python code" not in proc.stderr, proc.stderr[-1000:]
+
+
+def test_a_phi3_fine_tune_under_a_name_of_its_own_verifies(standins: dict[str, Path], tmp_path: Path):
+    """A local Phi-3.5 fine-tune in a folder named `my-ft`, its config naming no model (as transformers 5
+    saves it): Kiln adds "phi3" to general.name, so libllama strips after the chat tokens as the
+    tokenizer does, and the prompt token ids match transformers'."""
+    import shutil
+
+    folder = tmp_path / "my-ft"
+    shutil.copytree(standins["phi-3.5-mini-instruct"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("_name_or_path", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    proc = run_kiln("export", str(folder), "--quant", QUANT, "--no-report", "--out", str(out), "--json", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads(proc.stdout)
+    checks = {(c["name"], c["target"]): c for c in manifest["checks"]}
+    assert checks[("tokenization matches transformers", "f16")]["passed"], checks
+    f16 = next(out / o["path"] for o in manifest["outputs"] if o["quant"] == "f16")
+    assert _gguf_fields(f16)["general.name"] == "my-ft-phi3"

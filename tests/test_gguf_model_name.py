@@ -84,3 +84,24 @@ def test_the_converter_writes_the_name_kiln_passes(demo_f16_gguf: Path, demo_mod
     from tasks.gguf_file import read_metadata
 
     assert read_metadata(demo_f16_gguf, ("general.name",))["general.name"] == folder_model_name(demo_model_dir)
+
+
+def _tokenizer(folder: Path, rstrip: bool) -> None:
+    (folder / "tokenizer.json").write_text(json.dumps({"added_tokens": [
+        {"id": 32000, "content": "<|endoftext|>", "special": True, "rstrip": False},
+        {"id": 32007, "content": "<|end|>", "special": True, "rstrip": rstrip},
+    ]}))
+
+
+@pytest.mark.parametrize("architecture, rstrip, name, expected", [
+    ("Phi3ForCausalLM", True, "my-ft", "my-ft-phi3"),  # a Phi-3 fine-tune: the rule libllama keys on the name
+    ("Phi3ForCausalLM", True, "Phi-3.5-mini-instruct", "Phi-3.5-mini-instruct"),  # says phi-3 already
+    ("Phi3ForCausalLM", True, "tiny-phi3-sft", "tiny-phi3-sft"),
+    ("Phi3ForCausalLM", False, "Phi-4-mini-instruct", "Phi-4-mini-instruct"),  # Phi-4-mini: nothing strips
+    ("LlamaForCausalLM", True, "my-ft", "my-ft"),  # libllama's rule would strip after all its special tokens
+])
+def test_a_phi3_tokenizer_under_another_name_gets_phi3_in_its_name(tmp_path: Path, architecture, rstrip, name,
+                                                                    expected):
+    folder = _folder(tmp_path, name, {"architectures": [architecture]})
+    _tokenizer(folder, rstrip)
+    assert gguf_model_name(ResolvedSource(kind="local", id=str(folder), path=str(folder), files=FILES)) == expected
