@@ -5,8 +5,8 @@ worker's machine, beside its GPU, cache and Hub token. So what a deployment run 
 by the operator on the worker's side (`KILN_POLICY_FILE`, a YAML file; `deployments/policy.yaml`
 shows every key), never by the run's parameters:
 
-- outputs are written only under `output_roots`; local sources, adapters and catalogues are
-  read only from `source_roots` (a catalogue may also lie in the deployment's working folder);
+- outputs are written only under `output_roots`; local sources, adapters, importance matrices,
+  calibration texts, recipes and catalogues are read only from `source_roots` (a catalogue may also lie in the deployment's working folder);
 - `allow_pickle` and `trust_remote_code` may be turned on only where the policy allows them
   (default: no; a registry base whose spec trusts remote code counts as turning it on);
 - `registry_keys` / `hub_orgs`, when given, limit what may be exported.
@@ -196,7 +196,8 @@ def check_switches(request: ExportRequest, policy: DeploymentPolicy) -> None:
 
 
 def check_request(request: ExportRequest, policy: DeploymentPolicy, outputs: bool = True) -> None:
-    """Every rule for one export request: switches, source, adapter and (with `outputs`) the output folder."""
+    """Every rule for one export request: switches, source, adapter, importance matrix, recipe and (with
+    `outputs`) the output folder."""
     check_switches(request, policy)
     check_source(request.source, policy)
     if request.adapter:
@@ -204,6 +205,11 @@ def check_request(request: ExportRequest, policy: DeploymentPolicy, outputs: boo
             _hub_org(match["org"], policy, f"adapter {request.adapter!r}")
         else:
             confine(request.adapter, policy.sources(), "adapter", "source_roots")
+    # An importance matrix or calibration text and a recipe are files the run reads, as an adapter is.
+    if request.imatrix and request.imatrix != "auto":
+        confine(request.imatrix, policy.sources(), "importance matrix", "source_roots")
+    if request.recipe:
+        confine(request.recipe, policy.sources(), "recipe", "source_roots")
     if outputs:
         confine(request.out_dir, policy.outputs(), "output folder", "output_roots")
 

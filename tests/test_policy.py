@@ -95,6 +95,9 @@ def test_request_rules_switches_sources_adapters_keys_and_orgs(tmp_path, outside
     out = str(tmp_path / "out")
     check_request(ExportRequest(source="qwen2.5-0.5b-instruct", out_dir=out), policy)
     check_request(ExportRequest(source="hf:kiln-test/x@" + "a" * 40, out_dir=out), policy)
+    check_request(ExportRequest(source="demo", out_dir=out, imatrix="auto"), policy)  # Kiln's own text
+    check_request(ExportRequest(source="demo", out_dir=out, quants=["q4_k_m"], imatrix=str(tmp_path / "calib.txt"),
+                                recipe=str(tmp_path / "r.yaml")), policy)
     refused = {
         "allow_pickle is on": ExportRequest(source="demo", out_dir=out, allow_pickle=True),
         "trust_remote_code is on": ExportRequest(source="demo", out_dir=out, trust_remote_code=True),
@@ -102,6 +105,8 @@ def test_request_rules_switches_sources_adapters_keys_and_orgs(tmp_path, outside
         "Hub organisation 'evil'": ExportRequest(source="hf:evil/x@" + "a" * 40, out_dir=out),
         "adapter": ExportRequest(source="demo", out_dir=out, adapter=str(outside)),
         "source": ExportRequest(source=str(outside), out_dir=out),
+        "importance matrix": ExportRequest(source="demo", out_dir=out, imatrix=str(outside / "calib.txt")),
+        "recipe": ExportRequest(source="demo", out_dir=out, quants=["q4_k_m"], recipe=str(outside / "r.yaml")),
     }
     for expected, request in refused.items():
         with pytest.raises(PolicyRefused, match=expected):
