@@ -57,7 +57,9 @@ def main() -> int:
         t0 = time.perf_counter()
         matrix = Path(resolve_imatrix(args.imatrix, f16, toolchain.cache_key).path)
         print(f"importance matrix {args.imatrix}: {matrix.name} ({time.perf_counter() - t0:.1f} s)", flush=True)
-    print(f"machine: {rp._machine()}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    from tasks.report.measure import _machine
+
+    print(f"machine: {_machine()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     print("| --max-size | chosen | size | KL | best standard | size | KL | KL ratio | candidates | search s |")
     print("| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for bound in args.max_size.split(","):
