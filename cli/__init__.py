@@ -46,10 +46,14 @@ def preflight_before_prefect(request) -> None:
     """Every refusal preflight can make, before the Prefect server's start-up is paid.
 
     The flow runs preflight again as its first step (for UI and scheduled runs); the
-    converter probe is cached by then, so the second pass costs about a second.
+    converter probe is cached by then, so the second pass costs about a second. Except where
+    the flow can convert beside the probe (weights on this machine, probe not cached:
+    `conversion_can_start_early`): there the probe (seconds of the converter's imports) is left
+    to the flow, which runs it beside the conversion and cancels that on a refusal, rather than
+    paid here before anything starts (bench/pre_prefect.py).
     """
     from tasks.fetch import locate_metadata, source_ref
-    from tasks.preflight import check_request, run_preflight
+    from tasks.preflight import check_request, conversion_can_start_early, run_preflight
     from tasks.recipe import check_recipe_request
     from tasks.toolchain import current_toolchain
 
@@ -57,7 +61,9 @@ def preflight_before_prefect(request) -> None:
     ref = source_ref(request)
     check_request(request, ref)
     folder, _ = locate_metadata(ref)
-    report = run_preflight(ref, folder, request, current_toolchain())
+    toolchain = current_toolchain()
+    early = conversion_can_start_early(ref, folder, request, toolchain)
+    report = run_preflight(ref, folder, request, toolchain, ask_converter=not early)
     for quant, why in report.skipped.items():
         console.print(f"[yellow]skipped[/] {escape(quant)}: {escape(why)}", soft_wrap=True, highlight=False)
     for check in report.checks:

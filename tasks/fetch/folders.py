@@ -16,7 +16,8 @@ from registry.models import SourceFile
 from tasks import safetensors_file
 from tasks.errors import PickleRefused, RemoteCodeRefused, SourceCorrupt, SourceInvalid
 from tasks.fetch.ref import SourceRef, display_source
-from tasks.files import read_json_object, sha256_file
+from tasks.files import read_json_object
+from tasks.source_hashes import remembered_sha256
 
 log = logging.getLogger("kiln.fetch")
 
@@ -151,7 +152,8 @@ def fingerprint(paths: list[Path], root: Path, previous: list[SourceFile] | None
         if old and old.size == stat.st_size and old.mtime_ns == stat.st_mtime_ns:
             records.append(old)
         else:
-            records.append(SourceFile(path=rel, size=stat.st_size, sha256=sha256_file(path), mtime_ns=stat.st_mtime_ns))
+            records.append(SourceFile(path=rel, size=stat.st_size, sha256=remembered_sha256(path),
+                                      mtime_ns=stat.st_mtime_ns))
     return records
 
 
