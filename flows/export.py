@@ -253,20 +253,19 @@ def choose_quant_by_measuring(
             budget_seconds=parse_duration(request.search_budget) if request.search_budget else None,
             on_progress=get_run_logger().info)
     get_run_logger().info("--quant auto chose %s: %s", choice.quant, choice.reason)
-    update: dict = {"quants": [chosen.quant], "recipe": chosen.recipe_path}
-    if "imatrix" in ExportRequest.model_fields and not chosen.imatrix:
-        update["imatrix"] = None  # the search measured the matrix; the winner does without it
+    # The winner is exported by the ordinary path: its type, its recipe, the matrix only if it used one.
+    update = {"quants": [chosen.quant], "recipe": chosen.recipe_path,
+              "imatrix": request.imatrix if chosen.imatrix else None}
     return request.model_copy(update=update), choice, measured
 
 
 def search_imatrix(request: ExportRequest, float_gguf: Path, toolchain: Toolchain) -> Path | None:
     """The importance matrix the search's variants use: only the one the user asked for (--imatrix)."""
-    spec = getattr(request, "imatrix", None)
-    if spec is None:
+    if request.imatrix is None:
         return None
     from tasks.imatrix import resolve_imatrix
 
-    return Path(resolve_imatrix(spec, float_gguf, toolchain.cache_key).path)
+    return Path(resolve_imatrix(request.imatrix, float_gguf, toolchain.cache_key).path)
 
 
 def importance_matrix(source: ResolvedSource, request: ExportRequest, toolchain: Toolchain,
