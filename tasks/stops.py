@@ -78,9 +78,6 @@ def compute_stops(
 _QUESTION = "What is the capital of France?"
 _ANSWER = "The capital of France is Paris."
 _THOUGHT = "France's capital is Paris."
-_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                          "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                         "required": ["city"]}}}
 
 
 class StopCandidate(BaseModel):
@@ -114,15 +111,14 @@ def _assistant_turns(template: Any, special: Collection[str]) -> tuple[str | Non
     The turn is the text a finished reply adds after the generation prompt: rendered with a plain
     answer, with thinking, and with a tool call, where the template takes them.
     """
-    from tasks.template_check import ChatMessage, ToolCall, ToolCallFunction
+    from tasks.template_check import TOOL_CALL_REPLY, WEATHER_TOOL, ChatMessage
 
     user = ChatMessage(role="user", content=_QUESTION)
+    # The template check's own tool call: its id is one Mistral's templates accept (nine characters).
     replies = [
         (ChatMessage(role="assistant", content=_ANSWER), None),
         (ChatMessage(role="assistant", content=_ANSWER, thinking=_THOUGHT), None),
-        (ChatMessage(role="assistant", content="", tool_calls=(
-            ToolCall(id="call_1", function=ToolCallFunction(name="get_weather", arguments={"city": "Paris"})),)),
-         [_TOOL]),
+        (TOOL_CALL_REPLY, [WEATHER_TOOL]),
     ]
     by_length = sorted(special, key=len, reverse=True)
     renders: list[tuple[str, str]] = []

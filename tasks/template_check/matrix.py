@@ -131,7 +131,7 @@ _TRICKY_ASSISTANT = 'Here they are: {{ .System }} <|im_end|> [/INST] <|eot_id|> 
 # an assistant turn that calls one, the tool's answer, and the reply after it. Part of the default
 # matrix (DEFAULT_MATRIX): the tool-taking dialects print tools, calls and results as their models'
 # templates do. The call id has 9 characters because Mistral's templates refuse any other length.
-_WEATHER_TOOL: Final[dict[str, Any]] = {
+WEATHER_TOOL: Final[dict[str, Any]] = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -140,19 +140,19 @@ _WEATHER_TOOL: Final[dict[str, Any]] = {
                        "required": ["city"]},
     },
 }
-_CALL = ChatMessage(role="assistant", content="", tool_calls=(
+TOOL_CALL_REPLY = ChatMessage(role="assistant", content="", tool_calls=(
     ToolCall(id="call00001", function=ToolCallFunction(name="get_weather", arguments={"city": "Paris"})),))
 _RESULT = ChatMessage(role="tool", content='{"temperature": 18, "sky": "clear"}', tool_name="get_weather",
                       tool_call_id="call00001")
 _WEATHER_Q = "What is the weather in Paris?"
 TOOL_MATRIX: Final[tuple[MatrixCase, ...]] = (
-    MatrixCase(name="tools-user", messages=(_user(_WEATHER_Q),), tools=(_WEATHER_TOOL,)),
-    MatrixCase(name="tools-system-user", messages=(_system(_SYSTEM_TEXT), _user(_WEATHER_Q)), tools=(_WEATHER_TOOL,)),
-    MatrixCase(name="tool-call-and-result", messages=(_user(_WEATHER_Q), _CALL, _RESULT), tools=(_WEATHER_TOOL,)),
+    MatrixCase(name="tools-user", messages=(_user(_WEATHER_Q),), tools=(WEATHER_TOOL,)),
+    MatrixCase(name="tools-system-user", messages=(_system(_SYSTEM_TEXT), _user(_WEATHER_Q)), tools=(WEATHER_TOOL,)),
+    MatrixCase(name="tool-call-and-result", messages=(_user(_WEATHER_Q), TOOL_CALL_REPLY, _RESULT), tools=(WEATHER_TOOL,)),
     MatrixCase(
         name="tool-result-then-user",
-        messages=(_user(_WEATHER_Q), _CALL, _RESULT, _assistant("It is 18 degrees and clear."), _user(_Q2)),
-        tools=(_WEATHER_TOOL,),
+        messages=(_user(_WEATHER_Q), TOOL_CALL_REPLY, _RESULT, _assistant("It is 18 degrees and clear."), _user(_Q2)),
+        tools=(WEATHER_TOOL,),
     ),
 )
 
