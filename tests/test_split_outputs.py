@@ -182,3 +182,33 @@ def test_prebuilt_gguf_memory_estimate_covers_the_file(demo_f16_gguf):
     assert set(estimate.steps) == {"quantize", "verify", "report"}
     assert estimate.steps["verify"] > size and estimate.steps["report"] > size  # they map the whole file
     assert estimate.steps["quantize"] < estimate.steps["verify"]  # a tensor at a time, not the file
+
+
+def test_outputs_step_refuses_a_size_below_a_files_largest_tensor_before_splitting_any(demo_f16_gguf, tmp_path,
+                                                                                         llama_tools):
+    """The guard at place time, from the file's own tensor table (preflight's check estimates from config.json)."""
+    from tasks.outputs import split_outputs
+    from tasks.split import SplitSizeInvalid
+
+    out = tmp_path / "out"
+    out.mkdir()
+    os.link(demo_f16_gguf, out / "m-f16.gguf") if out.stat().st_dev == demo_f16_gguf.stat().st_dev \
+        else shutil.copyfile(demo_f16_gguf, out / "m-f16.gguf")
+    with pytest.raises(SplitSizeInvalid, match=r"50M is smaller than the largest tensor \(token_embd.weight of "
+                                               r"m-f16.gguf, 56.6 MB\).*give at least 57M"):
+        split_outputs.fn(out, {"f16": "m-f16.gguf"}, "50M")
+    assert sorted(p.name for p in out.iterdir()) == ["m-f16.gguf"]
+
+
+def test_disk_estimate_counts_the_shards():
+    from registry.models import ExportRequest
+    from tasks.preflight import estimate_bytes
+
+    plain = ExportRequest(quants=["q8_0", "q4_k_m"])
+    params = 1_000_000_000
+    # f16 2 GB, q8_0 1.06 GB, q4_k_m 0.61 GB: at 1G the first two are split, a copy of each beside the cache.
+    extra = estimate_bytes(params, plain.model_copy(update={"split_max_size": "1G"}), False) - \
+        estimate_bytes(params, plain, False)
+    assert 3.0e9 < extra < 3.5e9
+    assert estimate_bytes(params, plain.model_copy(update={"split_max_size": "5G"}), False) == \
+        estimate_bytes(params, plain, False)
