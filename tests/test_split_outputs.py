@@ -212,3 +212,11 @@ def test_disk_estimate_counts_the_shards():
     assert 3.0e9 < extra < 3.5e9
     assert estimate_bytes(params, plain.model_copy(update={"split_max_size": "5G"}), False) == \
         estimate_bytes(params, plain, False)
+
+
+def test_report_on_a_split_export_made_without_one_says_how_to_get_it(split_export):
+    out, _, _ = split_export
+    proc = run_kiln("report", str(out))
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert "are split (--split-max-size)" in message and "without --no-report" in message, message
