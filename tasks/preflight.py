@@ -61,6 +61,8 @@ from templates import registered_dialects
 # Room for temporaries and logs on top of the estimate.
 DISK_MARGIN = 1.10
 AUTO = "auto"  # --quant auto: measure candidates, keep the best within --max-size / --max-kl
+# Any of these means the folder has a tokenizer (the converter decides whether it can read it).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
 _CHKHSH_RE = re.compile(r"chkhsh:\s*([0-9a-f]{64})")
 
 
@@ -329,6 +331,10 @@ def check_request(request: ExportRequest, ref: SourceRef) -> None:
     check_output_dir(Path(request.out_dir))
 
 
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
+
+
 @step(name="preflight")
 def run_preflight(
     ref: SourceRef,
@@ -348,7 +354,8 @@ def run_preflight(
     chat = choose_dialect(metadata_folder, request.dialect, hint=ref.spec.template if ref.spec else None)
     if ref.is_gguf:
         return _preflight_gguf(metadata_folder, request, chat)
-    if chat is None and request.verify:
+    if chat is None and request.verify and _has_tokenizer(metadata_folder):
+        # Without any tokenizer file the converter's probe refuses with the more basic reason.
         raise _no_chat_template(ref)
     config = read_config(metadata_folder)
     architecture = architecture_of(config, metadata_folder)
