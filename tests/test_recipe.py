@@ -165,3 +165,22 @@ def test_search_budget_stops_and_exports_the_best_so_far(tmp_path: Path) -> None
     assert set(choice["unmeasured"]) < set(choice["candidates"])
     report = (out / "quant-report.md").read_text(encoding="utf-8")
     assert "the search was cut short" in report and "not measured: the search budget ran out" in report
+
+
+def test_auto_with_imatrix_searches_matrix_and_recipe_variants(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    proc = run_kiln("export", "demo", "--quant", "auto", "--max-size", "100MB", "--imatrix", "auto", "--out", str(out),
+                    "--no-verify", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads(proc.stdout)
+    choice = manifest["choice"]
+    # The types at the bound (q3_k_m fits, q4_k_m does not), with the matrix and with each built-in recipe.
+    assert {"q3_k_m-imat", "q4_k_m-imat", "q4_k_m-embed-q5", "q4_k_m-imat-embed-q5"} <= set(choice["candidates"])
+    assert choice["size_bytes"] <= 100_000_000
+    standard = [r for r in manifest["report"]["rows"] if r["quant"] in ("q3_k_m", "q2_k")]
+    assert choice["kl_mean"] <= min(r["kl_mean"] for r in standard)  # never worse than the standard choice
+    chosen = [o for o in manifest["outputs"] if o["quant"] == choice["quant"] and o["path"].endswith(".gguf")]
+    assert len(chosen) == 1 and chosen[0]["path"].endswith(f"-{choice['quant']}.gguf")
+    assert (manifest["imatrix"] is not None) == ("-imat" in choice["quant"])
+    assert (manifest["recipe"] is not None) == (choice["quant"].count("-") > ("-imat" in choice["quant"]))
+    assert "### Search: every candidate" in (out / "quant-report.md").read_text(encoding="utf-8")
