@@ -59,16 +59,14 @@ def demo_model_dir(kiln_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_f16_gguf(demo_model_dir: Path, toolchain) -> Path:
-    """The demo model converted to f16 GGUF by the pinned converter, once per session."""
-    from registry.models import ResolvedSource
-    from tasks.convert import conversion_key, convert_to_gguf
-    from tasks.fetch import fingerprint, model_files
+def demo_f16_gguf(demo_model_dir: Path, demo_base_key: str, toolchain) -> Path:
+    """The demo model converted to f16 GGUF by the pinned converter, once per session.
 
-    # The demo export's own cache entry (same key), so the session converts the demo once.
-    source = ResolvedSource(kind="demo", id="demo", path=str(demo_model_dir),
-                            files=fingerprint(model_files(demo_model_dir), demo_model_dir))
-    return convert_to_gguf(demo_model_dir, conversion_key(source), "f16", toolchain)[0]
+    The demo export's own cache entry (same key), so the session converts the demo once.
+    """
+    from tasks.convert import convert_to_gguf
+
+    return convert_to_gguf(demo_model_dir, demo_base_key, "f16", toolchain)[0]
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.support.model_folders import demo_copy, give_unknown_pre_tokenizer
+from tests.support.model_folders import demo_copy, folder_conversion_key, give_unknown_pre_tokenizer
 from tests.support.prefect_server import REPO_ROOT, PrefectServer, task_states_by_kind
 
 CATALOGUE = REPO_ROOT / "deployments" / "catalogue.yaml"
@@ -105,9 +105,6 @@ def test_batch_twice_the_second_run_converts_nothing(prefect_server, tmp_path):
 
 
 def test_a_failed_batch_item_does_not_stop_the_others(prefect_server, tmp_path, demo_model_dir, kiln_cache):
-    from tasks.fetch import fingerprint, model_files
-    from tasks.files import content_key
-
     server = prefect_server
     broken = tmp_path / "broken-model"
     broken.mkdir()
@@ -128,7 +125,7 @@ def test_a_failed_batch_item_does_not_stop_the_others(prefect_server, tmp_path, 
     assert [(r["item"], r["status"]) for r in rows] == [("broken", "failed"), ("unknown", "failed"), ("fine", "completed")]
     assert "has no *.safetensors weights" in rows[0]["detail"]
     assert "pre-tokenizer" in rows[1]["detail"] and "chkhsh" in rows[1]["detail"]
-    key = content_key(fingerprint(model_files(unknown), unknown))
+    key = folder_conversion_key(unknown)
     left = [p.name for p in (kiln_cache / "gguf").iterdir() if key in p.name and not p.name.endswith(".lock")]
     assert left == [], "the refused item's conversion left files in the cache"
     assert (tmp_path / "out" / "fine" / "manifest.json").is_file()

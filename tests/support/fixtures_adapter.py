@@ -66,10 +66,10 @@ def adapter_info(peft_adapter: Path, demo_model_dir: Path):
 
 @pytest.fixture(scope="session")
 def demo_base_key(demo_model_dir: Path) -> str:
-    from tasks.fetch import fingerprint, model_files
-    from tasks.files import content_key
+    """The demo export's conversion key: the session's `demo_f16_gguf` is that cache entry."""
+    from tests.support.model_folders import folder_conversion_key
 
-    return content_key(fingerprint(model_files(demo_model_dir), demo_model_dir))
+    return folder_conversion_key(demo_model_dir, kind="demo")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,17 @@ import shutil
 from pathlib import Path
 
 
+def folder_conversion_key(folder: Path, kind: str = "local") -> str:
+    """The cache key an export of `folder` converts under (its files and the name written into the GGUF)."""
+    from registry.models import ResolvedSource
+    from tasks.convert import conversion_key
+    from tasks.fetch import fingerprint, model_files
+
+    source = ResolvedSource(kind=kind, id=kind if kind == "demo" else str(folder), path=str(folder),
+                            files=fingerprint(model_files(folder), folder))
+    return conversion_key(source)
+
+
 def demo_copy(demo_model_dir: Path, folder: Path) -> Path:
     """A private copy of the demo folder to break: weights hard-linked, every other file copied."""
     folder.mkdir(parents=True)
