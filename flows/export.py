@@ -39,16 +39,16 @@ from tasks.manifest import (
     request_key,
     write_manifest,
 )
-from tasks.recipe import applied as applied_recipe
 from tasks.outputs import (
     drop_split_modelfiles,
     place_outputs,
     record_output,
-    record_shards,
+    record_placed,
     ship_adapter_lora,
     split_check,
     split_outputs,
 )
+from tasks.recipe import applied as applied_recipe
 from tasks.toolchain import Toolchain, current_toolchain
 
 
@@ -173,12 +173,11 @@ def run_export(request: ExportRequest) -> Manifest:
                 not report.chat.verified or report.chat.mismatches):
             # The GGUF's own template is not the dialect's: it gets the dialect's Jinja (tasks/ollama_plan.py).
             rewritten = embed_chat_template.task(out_dir, placed, report.chat.dialect)
-        outputs = []
-        lora_name = None
+        lora_name, shipped = None, []
         if report.adapter is not None and request.adapter_mode == "adapter":
             lora_name, lora_gguf = ship_adapter_lora.task(out_dir, stem, Path(request.adapter), Path(source.path),
                                                           toolchain, report.adapter)
-            outputs.append(record_output(out_dir, lora_name, "lora", lora_gguf))
+            shipped = [record_output(out_dir, lora_name, "lora", lora_gguf)]
         ollama = None
         if report.chat is not None:
             ollama = write_modelfiles.task(out_dir, placed, report.chat, licence_line(ref), request.ollama_name,
@@ -191,9 +190,7 @@ def run_export(request: ExportRequest) -> Manifest:
             if ollama is not None:
                 ollama = drop_split_modelfiles(out_dir, ollama, split)
             checks.append(split_check(split, request.split_max_size, ollama))
-        outputs = [record for quant, name in placed.items() for record in (
-            record_shards(out_dir, split[quant], quant) if quant in split
-            else [record_output(out_dir, name, quant, None if name in rewritten else cached[quant])])] + outputs
+        outputs = [*record_placed(out_dir, placed, cached, rewritten, split), *shipped]
         if ollama is not None:
             outputs += [record_output(out_dir, m.modelfile, m.quant) for m in ollama.models]
         report_files = write_report_files(quant_report, out_dir, choice) if quant_report is not None else {}

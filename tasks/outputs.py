@@ -105,3 +105,19 @@ def record_shards(out_dir: Path, shards: list[str], quant: str) -> list[OutputFi
         records.append(OutputFile(path=name, quant=quant, size=path.stat().st_size, sha256=sha256_file(path),
                                   shard=i, shards=len(shards)))
     return records
+
+
+def record_placed(out_dir: Path, placed: dict[str, str], cached: dict[str, Path], rewritten: list[str],
+                  split: dict[str, list[str]]) -> list[OutputFile]:
+    """The manifest's lines for the placed GGUFs: one a file, or one a shard where it was split.
+
+    A file placed from the cache takes its entry's stamp; one rewritten since (a new chat template)
+    is hashed anew.
+    """
+    records: list[OutputFile] = []
+    for quant, name in placed.items():
+        if quant in split:
+            records += record_shards(out_dir, split[quant], quant)
+        else:
+            records.append(record_output(out_dir, name, quant, None if name in rewritten else cached[quant]))
+    return records
