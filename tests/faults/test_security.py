@@ -130,8 +130,9 @@ def test_a_pickle_is_never_loaded_unless_allowed(tmp_path, toolchain, demo_model
     marker = tmp_path / "was-unpickled"
     folder = tmp_path / "m"
     folder.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(demo_model_dir / name, folder / name)
+    for item in demo_model_dir.iterdir():  # config, tokenizer and chat template: all but the weights
+        if item.is_file() and not item.name.endswith(".safetensors"):
+            shutil.copy(item, folder / item.name)
     (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
     ref = parse_source(str(folder))
     meta, derived = locate_metadata(ref)
