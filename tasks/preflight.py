@@ -354,9 +354,6 @@ def run_preflight(
     chat = choose_dialect(metadata_folder, request.dialect, hint=ref.spec.template if ref.spec else None)
     if ref.is_gguf:
         return _preflight_gguf(metadata_folder, request, chat)
-    if chat is None and request.verify and _has_tokenizer(metadata_folder):
-        # Without any tokenizer file the converter's probe refuses with the more basic reason.
-        raise _no_chat_template(ref)
     config = read_config(metadata_folder)
     architecture = architecture_of(config, metadata_folder)
     check_architecture(architecture, toolchain)
@@ -365,6 +362,10 @@ def run_preflight(
             f"registry entry {ref.spec.key!r} says architecture {ref.spec.architecture!r}, "
             f"but config.json says {architecture!r}; fix the entry"
         )
+    if chat is None and request.verify and _has_tokenizer(metadata_folder):
+        # After the architecture (the more basic refusal); without any tokenizer file the
+        # converter's probe refuses with the more basic reason too.
+        raise _no_chat_template(ref)
     if ref.kind in ("local", "demo"):
         params = local_weight_params(metadata_folder, ref.allow_pickle)
     elif ref.spec is not None:
