@@ -65,16 +65,6 @@ def run(tree: Path, args: list[str], env: dict[str, str]) -> tuple[float, float 
     return wall, marker, out
 
 
-def stop_kept_server(cache: Path) -> None:
-    """End the Prefect server Kiln kept for the bench's cache before the cache is deleted."""
-    import signal
-
-    try:
-        state = json.loads((cache / "prefect-server" / "server.json").read_text())
-        os.kill(int(state["keeper_pid"]), signal.SIGTERM)
-    except (OSError, ValueError, KeyError):
-        pass
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -108,7 +98,9 @@ def main() -> None:
             steps = ", ".join(f"{k} {v:.1f}" for k, v in timings.items())
             print(f"| {label} | {marker:.1f} | {starts:.1f} | {wall:.1f} | {steps} |", flush=True)
         print(f"load after: {os.getloadavg()[0]:.1f}")
-        stop_kept_server(cache)
+        from flows.local_server import stop_kept_server
+
+        stop_kept_server(cache / "prefect-server")
 
 
 if __name__ == "__main__":

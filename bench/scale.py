@@ -231,22 +231,13 @@ def kiln(model: Path, quants: list[str], out: Path, env: dict[str, str], checks:
     return wall, peak, load, json.loads(stdout)
 
 
-def stop_kept_server(cache: Path) -> None:
-    """End the Prefect server Kiln kept for a cache the bench is about to delete (its keeper stops it)."""
-    import signal
-
-    try:
-        state = json.loads((cache / "prefect-server" / "server.json").read_text())
-        os.kill(int(state["keeper_pid"]), signal.SIGTERM)
-    except (OSError, ValueError, KeyError):
-        pass
-
 
 def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
 def run_size(size: str, quants: list[str], only: str | None, keep: Path | None, model: Path | None = None) -> None:
+    from flows.local_server import stop_kept_server
     from tasks.toolchain import current_toolchain
 
     converter = Path(current_toolchain().converter_dir)
@@ -283,7 +274,7 @@ def run_size(size: str, quants: list[str], only: str | None, keep: Path | None, 
             rows[label] = (wall, peak, load, steps)
             print(f"[{size}] {label}: {wall:.0f} s, {gb(peak)}; steps: {steps}", flush=True)
             shutil.rmtree(work / f"out-{checks}", ignore_errors=True)
-            stop_kept_server(work / f"cache-{checks}")
+            stop_kept_server(work / f"cache-{checks}" / "prefect-server")
             shutil.rmtree(work / f"cache-{checks}", ignore_errors=True)
 
     bare_wall = rows.get("bare tools", (None,))[0]

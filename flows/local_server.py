@@ -58,6 +58,20 @@ def _read_state(folder: Path) -> dict | None:
         return None
 
 
+def stop_kept_server(folder: Path) -> None:
+    """Stop the server kept under `folder` (`server_dir()` of a cache), if one runs: its keeper ends it.
+
+    For a cache about to be deleted (a test session's, a bench's), rather than left idling for
+    KILN_PREFECT_SERVER_KEEP seconds.
+    """
+    state = _read_state(folder)
+    try:
+        if state is not None:
+            os.kill(int(state["keeper_pid"]), signal.SIGTERM)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+
+
 def _free_port() -> int:
     import socket
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.prefect_server import stop_kept_server
+from flows.local_server import stop_kept_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -285,10 +285,3 @@ def logs_once(server: PrefectServer, flow_run_id: str, wanted: str, timeout: flo
         time.sleep(1)
 
 
-def stop_kept_server(folder: Path) -> None:
-    """Stop the server Kiln keeps under `folder` (flows/local_server.py), if one runs: its keeper ends it."""
-    try:
-        state = json.loads((folder / "server.json").read_text())
-        os.kill(int(state["keeper_pid"]), signal.SIGTERM)
-    except (OSError, ValueError, KeyError):
-        pass
