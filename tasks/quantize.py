@@ -80,11 +80,15 @@ def estimated_size(params: int, quant: str) -> int:
     return int(params * BITS_PER_WEIGHT.get(quant, 16.0) / 8)
 
 
-@lru_cache(maxsize=None)
+_setup_lock = threading.Lock()  # the first quantizations arrive together, on threads of their own
+_semaphores: dict[int, threading.BoundedSemaphore] = {}
+
+
 def _slots(at_once: int) -> threading.BoundedSemaphore:
     """Process-wide. The flow submits every quantization at once, so that Prefect's bookkeeping
     for the next one overlaps the one running; this keeps libllama to `at_once` jobs together."""
-    return threading.BoundedSemaphore(at_once)
+    with _setup_lock:
+        return _semaphores.setdefault(at_once, threading.BoundedSemaphore(at_once))
 
 
 class _QuantizerLog(threading.local):
@@ -115,9 +119,23 @@ _TENSOR_STARTED = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
 _GGML_LOG_LEVEL_ERROR = 4
 
 
-@lru_cache(maxsize=1)
+_routing: list[Any] = []  # the one installed callback: libllama keeps only its pointer, so it lives as long as the process
+
+
 def _route_libllama_log() -> Any:
-    """Send a quantizing thread's libllama lines to `_quantizer_log`; other threads' go where they went."""
+    """Send a quantizing thread's libllama lines to `_quantizer_log`; other threads' go where they went.
+
+    Installed once, under a lock: the flow starts its quantizations together, and two threads
+    installing at once left libllama holding the pointer of a callback Python had freed (a
+    segfault in CI, 1 run in 6 here).
+    """
+    with _setup_lock:
+        if not _routing:
+            _routing.append(_install_route())
+        return _routing[0]
+
+
+def _install_route() -> Any:
     import llama_cpp
 
     previous = llama_cpp.llama_log_callback()
@@ -145,7 +163,7 @@ def _route_libllama_log() -> Any:
             log.errors.append(line)
 
     llama_cpp.llama_log_set(route, previous_data)
-    return route  # libllama keeps only the pointer: the callback must live as long as the process
+    return route
 
 
 def _quantize_cache_key(_ctx: Any, params: dict[str, Any]) -> str:

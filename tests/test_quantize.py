@@ -29,6 +29,33 @@ def test_a_failed_quantization_gives_libllamas_reason(tmp_path):
     assert not (tmp_path / "out.gguf").exists()
 
 
+def test_quantizations_starting_together_install_one_log_route():
+    """The flow submits every quantization at once. Two threads that each installed a libllama log
+    callback left libllama calling one Python had freed: `kiln demo` died of SIGSEGV in CI."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import ctypes, threading
+        import llama_cpp
+        from tasks.quantize import _route_libllama_log, _slots
+        barrier, routes, slots = threading.Barrier(8), [], []
+        def start():
+            barrier.wait()
+            routes.append(_route_libllama_log())
+            slots.append(_slots(2))
+        threads = [threading.Thread(target=start) for _ in range(8)]
+        [t.start() for t in threads]; [t.join() for t in threads]
+        installed, data = llama_cpp.llama_log_callback(), ctypes.c_void_p()
+        llama_cpp.llama_log_get(ctypes.byref(installed), ctypes.byref(data))
+        pointer = lambda f: ctypes.cast(f, ctypes.c_void_p).value
+        print(len({id(r) for r in routes}), len({id(s) for s in slots}), pointer(installed) == pointer(routes[0]))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["1", "1", "True"]
+
+
 # ------------------------------------------------------------------ through llama-quantize (a matrix or a recipe)
 
 
