@@ -42,7 +42,7 @@ def build_request(**fields: Any):
 
 
 
-def preflight_before_prefect(request) -> None:
+def preflight_before_prefect(request) -> Callable[[], None]:
     """Every refusal preflight can make, before the Prefect server's start-up is paid.
 
     The flow runs preflight again as its first step (for UI and scheduled runs); the
@@ -51,8 +51,10 @@ def preflight_before_prefect(request) -> None:
     `conversion_can_start_early`): there the probe (seconds of the converter's imports) is left
     to the flow, which runs it beside the conversion and cancels that on a refusal, rather than
     paid here before anything starts (bench/pre_prefect.py).
+
+    Returns the source hashing that fetch would do, to run while the Prefect server boots.
     """
-    from tasks.fetch import locate_metadata, source_ref
+    from tasks.fetch import locate_metadata, remember_local_hashes, source_ref
     from tasks.preflight import check_request, conversion_can_start_early, run_preflight
     from tasks.recipe import check_recipe_request
     from tasks.toolchain import current_toolchain
@@ -69,12 +71,7 @@ def preflight_before_prefect(request) -> None:
     for check in report.checks:
         if check.name == "requantize":  # a prebuilt quantized GGUF requantized down: --allow-requantize
             console.print(f"[yellow]warning:[/] {escape(check.detail or '')}", soft_wrap=True, highlight=False)
-
-
-
-
-
-
+    return lambda: remember_local_hashes(ref, folder)
 
 
 def run_export_command(request, as_json: bool, force: bool) -> None:
@@ -84,14 +81,14 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
     if manifest is not None:
         status = f"outputs in {request.out_dir} are up to date (hashes match the manifest); nothing to do"
     else:
-        preflight_before_prefect(request)
+        hash_sources = preflight_before_prefect(request)
         console.print(f"exporting ({why})", markup=False)
         from flows.export import export
         from flows.heartbeats import without_heartbeats
         from flows.local_server import prefect_api
 
         quiet_kiln_tracebacks()
-        with prefect_api(), without_heartbeats(), terminal_progress():
+        with prefect_api(meanwhile=hash_sources), without_heartbeats(), terminal_progress():
             manifest = export(request, force=force)
         status = f"exported to {request.out_dir}"
         for check in manifest.checks:

@@ -28,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,9 +81,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def prefect_api() -> Iterator[str | None]:
-    """Run the enclosed Prefect work against the kept local server (see `use_local_server`)."""
-    url = use_local_server()
+def prefect_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str | None]:
+    """Run the enclosed Prefect work against the kept local server (see `use_local_server`).
+
+    `meanwhile` runs once, while a server that has to be started boots (seconds of imports on
+    another core), or first thing where none has to be.
+    """
+    url = use_local_server(meanwhile)
     if url is None:
         yield None
         return
@@ -96,15 +100,23 @@ def prefect_api() -> Iterator[str | None]:
 _held: list = []  # the open users.lock of this process: held until the process ends
 
 
-def use_local_server() -> str | None:
+def use_local_server(meanwhile: Callable[[], object] | None = None) -> str | None:
     """Point this process's Prefect client at the kept server, starting it if need be; its API URL.
 
     None (and nothing changed) where the user set `PREFECT_API_URL`, or `KILN_PREFECT_SERVER_KEEP=0`.
+    `meanwhile`, if given, runs exactly once: during the server's start-up when there is one.
     """
     from tasks import settings
 
+    pending = [meanwhile] if meanwhile is not None else []
+
+    def run_meanwhile() -> None:
+        while pending:
+            pending.pop()()
+
     keep = settings.prefect_server_keep_seconds()
     if os.environ.get("PREFECT_API_URL") or keep <= 0:
+        run_meanwhile()
         return None
     folder = server_dir()
     folder.mkdir(parents=True, exist_ok=True)
@@ -117,22 +129,30 @@ def use_local_server() -> str | None:
             fcntl.flock(start, fcntl.LOCK_EX)
             state = _read_state(folder)
             if not (state and _healthy(state["port"])):
-                state = _start_keeper(folder, keep)
+                port = _launch_keeper(folder, keep)
+                run_meanwhile()
+                state = _wait_for_keeper(folder, port)
                 print(f"started Kiln's local Prefect server on port {state['port']}; commands within "
                       f"{keep:g} s of each other reuse it (KILN_PREFECT_SERVER_KEEP)", file=sys.stderr)
+    run_meanwhile()
     url = f"http://127.0.0.1:{state['port']}/api"
     os.environ["PREFECT_API_URL"] = url
     return url
 
 
-def _start_keeper(folder: Path, keep: float) -> dict:
+def _launch_keeper(folder: Path, keep: float) -> int:
+    """Start the keeper (which starts the server) without waiting for it; the port it will serve."""
     port = _free_port()
-    log = open(folder / "server.log", "ab")
-    subprocess.Popen(
-        [sys.executable, "-m", "flows.local_server", "keep", str(folder), str(port), str(keep)],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        cwd=str(Path(__file__).resolve().parent.parent),
-    )
+    with open(folder / "server.log", "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "flows.local_server", "keep", str(folder), str(port), str(keep)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            cwd=str(Path(__file__).resolve().parent.parent),
+        )
+    return port
+
+
+def _wait_for_keeper(folder: Path, port: int) -> dict:
     deadline = time.monotonic() + _STARTUP_TIMEOUT
     while time.monotonic() < deadline:
         state = _read_state(folder)

@@ -38,6 +38,10 @@ def test_second_export_reuses_the_server_and_it_stops_when_idle(tmp_path: Path, 
     assert "Starting temporary server" not in first.stderr
     state = json.loads((cache / "prefect-server" / "server.json").read_text())
     assert _alive(state["keeper_pid"]) and _alive(state["server_pid"])
+    # The source was hashed while the server booted (the keeper writes server.json once it is healthy):
+    # fetch found the memo instead of reading every weight file after the start-up.
+    hashed = [p.stat().st_mtime for p in (cache / "hashes").glob("*.json")]
+    assert hashed and max(hashed) < (cache / "prefect-server" / "server.json").stat().st_mtime
 
     second = run_kiln("export", "demo", "--quant", "q8_0", "--no-verify", "--no-report", "--out", str(tmp_path / "a"),
                       "--force", env=env, timeout=600)
@@ -58,9 +62,11 @@ def test_a_users_own_server_or_keep_zero_starts_nothing(tmp_path: Path, monkeypa
 
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "c"))
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-    assert use_local_server() is None
+    ran: list[str] = []
+    assert use_local_server(lambda: ran.append("hashing")) is None
     monkeypatch.delenv("PREFECT_API_URL")
     monkeypatch.setenv("KILN_PREFECT_SERVER_KEEP", "0")
-    assert use_local_server() is None
+    assert use_local_server(lambda: ran.append("hashing")) is None
+    assert ran == ["hashing", "hashing"]  # the work meant for the start-up still runs, once each
     assert "PREFECT_API_URL" not in os.environ
     assert not (tmp_path / "c" / "prefect-server").exists()

@@ -18,7 +18,8 @@ The package splits along what each part touches:
 - `hub`: the Hugging Face Hub (environment, errors, file list, downloads, hashes);
 - `folders`: local model folders (which files conversion reads, fingerprints,
   config.json, the checks on safetensors and GGUF files);
-- `steps`: the two steps, `locate_metadata` and `fetch_source`.
+- `steps`: the two steps, `locate_metadata` and `fetch_source` (and `remember_local_hashes`, its
+  hashing done ahead while the Prefect server boots).
 Import from `tasks.fetch`; the names below are its public surface.
 """
 
@@ -59,7 +60,7 @@ from tasks.fetch.hub import (
 )
 from tasks.fetch.parse import parse_source, source_ref
 from tasks.fetch.ref import SourceRef, display_name, display_source
-from tasks.fetch.steps import fetch_source, locate_metadata
+from tasks.fetch.steps import fetch_source, locate_metadata, remember_local_hashes
 
 __all__ = [
     "DEFAULT_BOS_TOKEN_ID", "DEFAULT_EOS_TOKEN_ID", "HUB_PAGE", "METADATA_PATTERNS", "PICKLE_DANGER",
@@ -68,5 +69,5 @@ __all__ = [
     "check_weights", "display_name", "display_source", "fetch_source", "fingerprint", "hub_env", "hub_listing",
     "licence_page", "locate_metadata", "match_gguf", "model_family", "model_files", "parse_source",
     "plan_weights", "planned_weight_bytes", "read_config", "read_index", "redact", "resolve_commit",
-    "safe_relpath", "source_ref", "verify_hub_files",
+    "remember_local_hashes", "safe_relpath", "source_ref", "verify_hub_files",
 ]

@@ -61,6 +61,28 @@ def locate_metadata(ref: SourceRef) -> tuple[Path, str | None]:
     return folder, None
 
 
+def remember_local_hashes(ref: SourceRef, metadata_folder: Path) -> None:
+    """Hash the local files `fetch_source` will fingerprint into the memo (tasks/source_hashes.py), ahead of it.
+
+    The CLI runs this while the Prefect server boots, on the other core, so that fetch reads
+    the memo instead of every shard (bench/pre_prefect.py). Hub weights are hashed as they are
+    verified. A file that cannot be read is left to fetch, whose refusal names it.
+    """
+    import contextlib
+
+    from tasks.source_hashes import remembered_sha256
+
+    if ref.kind == "gguf":
+        paths = [Path(ref.id)]
+    elif ref.kind in ("local", "demo"):
+        paths = model_files(metadata_folder, allow_pickle=ref.allow_pickle)
+    else:
+        return
+    for path in paths:
+        with contextlib.suppress(OSError):
+            remembered_sha256(path)
+
+
 @step(name="fetch")
 def fetch_source(ref: SourceRef, metadata_folder: Path, derived_from: str | None,
                  previous: list[SourceFile] | None = None) -> ResolvedSource:
