@@ -9,7 +9,9 @@ flows/convert_quantize.py), so the export's peak is its largest step, not their 
 - verify: llama.cpp runs the float GGUF (its weights resident) with a KV cache and the logits of
   every position; the transformers comparison streams one block at a time (tasks/hf_stream.py)
   and runs after the GGUF is closed, so the larger of the two counts;
-- report: llama.cpp runs the float GGUF with the logits of half a text chunk, three copies.
+- report: llama.cpp runs the float GGUF with the logits of half a text chunk, three copies;
+- imatrix (`--imatrix auto|TEXT`): llama-imatrix runs the float GGUF over chunks of
+  `tasks.imatrix.CTX` tokens, with that chunk's KV cache and logits, beside the export's process.
 
 - a prebuilt GGUF source (`gguf_source_memory`): no conversion; requantizing, verify and the report
   run the source file itself, so its size and the shape its header gives govern them.
@@ -71,13 +73,15 @@ def quant_job_memory(base: Path, config: dict[str, Any]) -> int:
 
 def estimate_memory(params: int, outtype: str, config: dict, *, verify: bool, report: bool,
                     converts: bool = True, quantizes: bool = True, adapter_mode: str | None = None,
-                    float_bytes: int | None = None, hf_reference: bool = True) -> MemoryEstimate:
+                    float_bytes: int | None = None, hf_reference: bool = True,
+                    imatrix: bool = False) -> MemoryEstimate:
     """Peak memory of each step of an export of a model of `params` parameters (config.json's shape).
 
     `adapter_mode`: how a LoRA adapter is applied, if one is (merge, adapter, peft).
     `float_bytes`: the size of the GGUF verify and the report run as the reference, where it is known
     (a prebuilt GGUF source: the file itself); else `params` in `outtype`. `hf_reference`: verify
     also runs the transformers comparison (not for a GGUF source, which has no Hugging Face folder).
+    `imatrix`: an importance matrix is computed (not given as a file).
     """
     hidden = int(config.get("hidden_size") or config.get("n_embd") or 0)
     vocab = int(config.get("vocab_size") or 0)
@@ -114,6 +118,12 @@ def estimate_memory(params: int, outtype: str, config: dict, *, verify: bool, re
         steps["verify"] = max(gguf, hf) + _PROCESS_BASELINE
     if report:
         steps["report"] = float_gguf + 3 * 256 * vocab * 4 + _PROCESS_BASELINE
+    if imatrix:
+        from tasks.imatrix import CTX
+
+        # The chunk's logits and their softmax; the export's own process waits beside the tool.
+        chunk_kv = 2 * layers * CTX * kv_heads * head_dim * 2
+        steps["imatrix"] = float_gguf + chunk_kv + 2 * CTX * vocab * 4 + _PROCESS_BASELINE
     peak_step = max(steps, key=lambda s: steps[s]) if steps else "none"
     return MemoryEstimate(peak_bytes=steps.get(peak_step, 0), peak_step=peak_step, steps=steps)
 
@@ -135,12 +145,13 @@ def gguf_shape(path: Path) -> dict[str, int]:
     return config
 
 
-def gguf_source_memory(path: Path, *, requantizes: bool, verify: bool, report: bool) -> MemoryEstimate:
-    """Peak memory of each step of exporting a prebuilt GGUF: its size is what verify and the report map."""
+def gguf_source_memory(path: Path, *, requantizes: bool, verify: bool, report: bool,
+                       imatrix: bool = False) -> MemoryEstimate:
+    """Peak memory of each step of exporting a prebuilt GGUF: its size is what verify, the report and llama-imatrix map."""
     config = gguf_shape(path)
     size = path.stat().st_size
     estimate = estimate_memory(0, "f16", config, verify=verify, report=report, converts=False,
-                               quantizes=False, float_bytes=size, hf_reference=False)
+                               quantizes=False, float_bytes=size, hf_reference=False, imatrix=imatrix)
     steps = dict(estimate.steps)
     if requantizes:
         # libllama reads the source a tensor at a time; the largest one, dequantized to float32, governs.
@@ -166,6 +177,8 @@ def check_memory(estimate: MemoryEstimate, budget: int) -> None:
     fixes = ["raise --memory-budget (or KILN_MEMORY_BUDGET)"]
     if estimate.peak_step in ("verify", "report"):
         fixes.append("skip the step with --no-verify / --no-report (they run the float GGUF)")
+    if estimate.peak_step == "imatrix":
+        fixes.append("give a matrix computed elsewhere (--imatrix PATH.gguf)")
     fixes.append("or run on a machine with more memory")
     raise NotEnoughMemory(
         f"this export needs about {estimate.peak_bytes / 1e9:.2f} GB of memory at its peak ({estimate.peak_step}; "

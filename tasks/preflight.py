@@ -376,7 +376,8 @@ def run_preflight(
     need = estimate_bytes(params, request, base_cached)
     check_disk([Path(request.out_dir), cache_dir()], need)
     memory = estimate_memory(params, request.outtype, config, verify=request.verify, report=request.report,
-                             adapter_mode=request.adapter_mode if request.adapter else None)
+                             adapter_mode=request.adapter_mode if request.adapter else None,
+                             imatrix=_computes_imatrix(request))
     budget = settings.memory_budget_bytes()
     check_memory(memory, budget)
     check_split_for_config(request.split_max_size, config, request.outtype)
@@ -426,6 +427,13 @@ def conversion_can_start_early(ref: SourceRef, metadata_folder: Path, request: E
     return (ref.kind in ("local", "demo") and ref.spec is None and request.placement == "local"
             and not (request.adapter and request.adapter_mode == "peft")
             and not probe_cache_file(metadata_folder, toolchain).is_file())
+
+
+def _computes_imatrix(request: ExportRequest) -> bool:
+    """Whether llama-imatrix will run: --imatrix auto or a calibration text (a matrix file is only read)."""
+    from tasks.imatrix import imatrix_kind
+
+    return request.imatrix is not None and imatrix_kind(request.imatrix) != "file"
 
 
 def _chat_check(chat: DialectChoice | None) -> Check:
@@ -483,7 +491,7 @@ def _preflight_gguf(path: Path, request: ExportRequest, chat: DialectChoice | No
     need = int((sum(sizes) + split_extra_bytes(sizes, request.split_max_size)) * DISK_MARGIN)
     check_disk([Path(request.out_dir), cache_dir()], need)
     memory = gguf_source_memory(path, requantizes=any(q != label for q in quants), verify=request.verify,
-                                report=request.report)
+                                report=request.report, imatrix=_computes_imatrix(request))
     budget = settings.memory_budget_bytes()
     check_memory(memory, budget)
     if request.split_max_size:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tasks.files import sha256_file
 from tasks.imatrix import (
     CALIBRATION_SHA256,
     CALIBRATION_TEXT,
@@ -24,7 +25,6 @@ from tasks.imatrix import (
     imatrix_kind,
     read_matrix_entries,
 )
-from tasks.files import sha256_file
 from tests.support.kiln_cli import reached_prefect, run_kiln
 
 EVAL_TEXT = Path(__file__).resolve().parent.parent / "tasks" / "eval_text" / "kiln-eval-v1.txt"
@@ -174,6 +174,21 @@ def test_cli_refuses_an_imatrix_value_of_no_known_kind(tmp_path):
     out = tmp_path / "out"
     proc = run_kiln("export", "demo", "--imatrix", str(tmp_path / "notes.md"), "--out", str(out), timeout=120)
     _refused(proc, out, "--imatrix", "PATH.txt")
+
+
+def test_cli_counts_llama_imatrix_against_the_memory_budget(tmp_path, demo_model_dir):
+    """llama-imatrix maps the float GGUF and holds a 512-token chunk's logits: SmolLM2-135M's
+    0.98 GB quantization fits 1.05 GB, its 1.11 GB matrix does not (tasks/memory.py)."""
+    from tasks.memory import estimate_memory
+    from tasks.preflight import local_weight_params
+
+    config = json.loads((demo_model_dir / "config.json").read_text())
+    without = estimate_memory(local_weight_params(demo_model_dir), "f16", config, verify=False, report=False)
+    assert without.peak_bytes < 1.05e9  # the same export without a matrix to compute fits
+    out = tmp_path / "out"
+    proc = run_kiln("export", "demo", "--quant", "q4_k_m", "--imatrix", "auto", "--no-verify", "--no-report",
+                    "--memory-budget", "1.05GB", "--out", str(out), timeout=120)
+    _refused(proc, out, "at its peak (imatrix;", "over the memory budget of 1.05 GB", "--imatrix PATH.gguf")
 
 
 def test_cli_refuses_a_matrix_for_another_model(tmp_path, demo_f16_gguf):
