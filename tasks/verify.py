@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from registry.models import Check
 from tasks.errors import VerificationFailed
@@ -41,6 +41,7 @@ class Generation(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str
+    prompt_text: str = Field(description="the prompt as rendered through the chat template (or dialect) and tokenized")
     prompt_tokens: list[int]
     tokens: list[int]
     text: str
@@ -71,18 +72,28 @@ def gguf_metadata(path: Path) -> dict[str, object]:
     }
 
 
-def render_prompt(meta: dict[str, object], user_text: str, chat: DialectChoice | None = None) -> str:
-    """The prompt text the model's own Jinja chat template produces for one user turn.
+def ships_dialect(chat: DialectChoice | None) -> bool:
+    """Whether Ollama will prompt through the dialect's Go template where the model's own Jinja says otherwise.
 
-    A GGUF with no chat template is prompted through the dialect chosen for it (--dialect),
-    rendered as Ollama renders that dialect's Go template: what the Modelfile will do.
+    So for a source with no chat template (its dialect given or from the registry), and for a
+    --dialect that is near the model's template but not exact: verification prompts as Ollama will.
+    """
+    return chat is not None and chat.format == "template" and (not chat.verified or bool(chat.mismatches))
+
+
+def render_prompt(meta: dict[str, object], user_text: str, chat: DialectChoice | None = None) -> str:
+    """The prompt text for one user turn, as the exported model will be prompted.
+
+    The model's own Jinja chat template, except where the Modelfile's Go template of the chosen
+    dialect differs from it or stands in for a missing one (`ships_dialect`): rendered as Ollama
+    renders that Go template.
     """
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
     template = meta["chat_template"]
-    if not template and chat is not None:
-        from templates import load_template_text
+    if chat is not None and (not template or ships_dialect(chat)):
         from tasks.template_check import ChatMessage, render_go_template
+        from templates import load_template_text
 
         return render_go_template(load_template_text(chat.dialect), [ChatMessage(role="user", content=user_text)],
                                   system=chat.system)
@@ -93,6 +104,13 @@ def render_prompt(meta: dict[str, object], user_text: str, chat: DialectChoice |
         add_generation_prompt=True,
     )
     return formatter(messages=[{"role": "user", "content": user_text}]).prompt
+
+
+def adds_bos(meta: dict[str, object], text: str) -> bool:
+    """Whether llama.cpp puts a BOS before the rendered prompt: where the GGUF asks for one and the
+    template has not written it already (Llama 3, Gemma and Mistral write their own; a second one
+    would differ from transformers, which tokenizes the rendered chat without special tokens)."""
+    return bool(meta["add_bos"]) and not (meta["bos_token"] and text.startswith(str(meta["bos_token"])))
 
 
 def run_gguf(path: Path, prompts: tuple[str, ...] = VERIFY_PROMPTS, budget: int = TOKEN_BUDGET,
@@ -106,15 +124,12 @@ def run_gguf(path: Path, prompts: tuple[str, ...] = VERIFY_PROMPTS, budget: int 
         generations = []
         for prompt in prompts:
             text = render_prompt(meta, prompt, chat)
-            # A template that writes the BOS itself (Llama 3, Gemma, Mistral) must not get a second one:
-            # transformers tokenizes the rendered chat without adding special tokens.
-            add_bos = bool(meta["add_bos"]) and not (meta["bos_token"] and text.startswith(str(meta["bos_token"])))
-            prompt_tokens = llm.tokenize(text.encode(), add_bos=add_bos, special=True)
+            prompt_tokens = llm.tokenize(text.encode(), add_bos=adds_bos(meta, text), special=True)
             out = llm.create_completion(prompt_tokens, max_tokens=budget, temperature=0.0, top_k=1)
             choice = out["choices"][0]
             completion_tokens = llm.tokenize(choice["text"].encode(), add_bos=False, special=True)
             generations.append(Generation(
-                prompt=prompt, prompt_tokens=list(prompt_tokens), tokens=completion_tokens,
+                prompt=prompt, prompt_text=text, prompt_tokens=list(prompt_tokens), tokens=completion_tokens,
                 text=choice["text"], stopped=choice["finish_reason"] == "stop",
             ))
         return GgufRun(path=str(path), generations=generations)
@@ -129,14 +144,23 @@ class ComparisonOverBudget(VerificationFailed):
 def _chat_sequences(hf_dir: Path, run: GgufRun, chat: DialectChoice | None = None) -> tuple[list[list[int]], bool]:
     """Each prompt plus the GGUF's own continuation, and whether transformers tokenizes the prompts identically.
 
-    A model with no chat template of its own (exported with --dialect) is rendered on this side
-    through the dialect's Jinja equivalent, as the GGUF side renders the dialect's Go template.
+    Where the GGUF side rendered the dialect's Go template (`ships_dialect`), transformers
+    tokenizes the same text; for a model with no template of its own, it is prompted through the
+    dialect's Jinja equivalent.
     """
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     template = None
-    if not tokenizer.chat_template and chat is not None:
+    if tokenizer.chat_template and ships_dialect(chat):
+        # The model's own template is not what ships: the same text the GGUF side rendered, through both tokenizers.
+        meta, same_tokens = gguf_metadata(Path(run.path)), True
+        for gen in run.generations:
+            bos = [gen.prompt_tokens[0]] if adds_bos(meta, gen.prompt_text) and gen.prompt_tokens else []
+            same = bos + list(tokenizer(gen.prompt_text, add_special_tokens=False)["input_ids"]) == gen.prompt_tokens
+            same_tokens = same_tokens and same
+        return [gen.prompt_tokens + gen.tokens for gen in run.generations], same_tokens
+    if chat is not None and not tokenizer.chat_template:
         from tasks.ollama_plan import dialect_jinja
 
         template = dialect_jinja(chat.dialect)
@@ -144,8 +168,7 @@ def _chat_sequences(hf_dir: Path, run: GgufRun, chat: DialectChoice | None = Non
             raise VerificationFailed(f"{hf_dir} has no chat template and Kiln holds no Jinja template for the "
                                      f"{chat.dialect} dialect to prompt transformers with; add the model's "
                                      "chat_template to tokenizer_config.json, or pass --no-verify")
-    same_tokens = True
-    sequences = []
+    same_tokens, sequences = True, []
     for gen in run.generations:
         hf_ids = tokenizer.apply_chat_template(
             [{"role": "user", "content": gen.prompt}], add_generation_prompt=True, tokenize=True,

@@ -169,3 +169,36 @@ def test_report_refused_over_the_budget(demo_f16_gguf: Path, monkeypatch: pytest
     monkeypatch.setenv("KILN_MEMORY_BUDGET", "50MB")
     with pytest.raises(ReportError, match=r"needs about 0\.[0-9]+ GB .* memory budget of 0\.05 GB; raise --memory-budget"):
         measure_quants(demo_f16_gguf, {})
+
+
+def test_verify_prompts_as_ollama_will_where_the_dialect_differs_from_the_models_own_template() -> None:
+    """A --dialect near the model's template but not exact ships its Go TEMPLATE: verify renders that;
+    an exact one (or Ollama's own Jinja, format "jinja") leaves the model's Jinja, which renders the same."""
+    from tasks.preflight import DialectChoice
+    from tasks.verify import render_prompt
+
+    meta = {"chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                             "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+            "bos_token": None, "eos_token": "<|im_end|>", "add_bos": False}
+    near = DialectChoice(dialect="llama3", verified=False, system=None, detail="near", mismatches=["system turn"])
+    exact = DialectChoice(dialect="chatml", verified=True, system=None, detail="exact")
+    jinja = DialectChoice(dialect="llama3", verified=False, system=None, detail="closest", format="jinja")
+    assert "<|start_header_id|>user<|end_header_id|>" in render_prompt(meta, "Hi", near)
+    for chat in (exact, jinja, None):
+        assert render_prompt(meta, "Hi", chat) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_near_dialect_is_held_against_transformers_through_the_text_that_ships(demo_f16_gguf, demo_model_dir) -> None:
+    """SmolLM2's own template with the qwen2.5 dialect (near it, not exact): the GGUF is prompted
+    through the dialect's Go template, and transformers tokenizes that same text (no Jinja of
+    the dialect's needed)."""
+    from tasks.preflight import DialectChoice
+    from tasks.verify import run_gguf, top1_agreement
+
+    near = DialectChoice(dialect="qwen2.5", verified=False, system=None, detail="near", mismatches=["default system"])
+    run = run_gguf(demo_f16_gguf, prompts=("What is the capital of France?",), budget=8, chat=near)
+    # The dialect's TEMPLATE with no SYSTEM: not SmolLM2's own Jinja, which writes its default system prompt.
+    assert run.generations[0].prompt_text == ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                                              "<|im_start|>assistant\n")
+    agreement, same_tokens, positions = top1_agreement(demo_f16_gguf, demo_model_dir, run, chat=near)
+    assert same_tokens and positions > 20 and agreement >= 0.95
