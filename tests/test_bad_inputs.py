@@ -21,6 +21,7 @@ from registry import BASES_DIR, format_validation_error, load_spec_file
 from registry.models import ExportRequest
 from tasks.errors import KilnError, SourceInvalid, SpecInvalid
 from tests.support.kiln_cli import reached_prefect, run_kiln
+from tests.support.prefect_server import logs_once
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE = REPO / "docs" / "bad-inputs.md"
@@ -432,7 +433,7 @@ def test_flow_refusal_F05_leaves_no_output_folder(prefect_server, tmp_path):
         "source": "demo", "quants": ["q9_z"], "out_dir": str(out), "placement": "local"}})
     run = prefect_server.wait(run_id, timeout=300)
     assert run["state"]["type"] == "FAILED", prefect_server.logs(run_id) + prefect_server.diagnostics()
-    assert "unknown quant type(s) q9_z" in prefect_server.logs(run_id)
+    assert "unknown quant type(s) q9_z" in logs_once(prefect_server, run_id, "unknown quant type(s) q9_z")
     assert not out.exists()
 
 
