@@ -289,28 +289,41 @@ def check_license(spec: BaseModelSpec | None, accepted: bool) -> None:
         )
 
 
-def estimate_bytes(params: int, request: ExportRequest, base_cached: bool) -> int:
-    """Disk the export writes: the float GGUF in the cache, every output, and the temporaries."""
+def estimate_bytes(params: int, request: ExportRequest, base_cached: bool, outputs_linked: bool = False) -> int:
+    """Disk the export writes: the float GGUF and every quantization in the cache, the outputs, and the temporaries.
+
+    `outputs_linked`: the output folder is on the cache's filesystem, so each output is a hard link
+    to its cache entry (tasks/outputs.py) and costs no disk of its own.
+    """
     from tasks.report import AUTO_CANDIDATES
 
     base = 0 if base_cached else estimated_size(params, request.outtype)
     # `--quant auto` holds every candidate until one is chosen.
     quants = list(AUTO_CANDIDATES) if request.quants == ["auto"] else request.quants
-    # Each output is a hard link to the cache where possible, but a copy across filesystems.
-    sizes = [estimated_size(params, request.outtype), *(estimated_size(params, q) for q in quants)]
+    made = [estimated_size(params, q) for q in quants]
+    sizes = [estimated_size(params, request.outtype), *made]
+    copies = 0 if outputs_linked else sum(sizes)  # across filesystems each output is a copy
     # A merged adapter is a second float GGUF beside the base's.
     merged = estimated_size(params, request.outtype) if request.adapter and request.adapter_mode != "adapter" else 0
     # --split-max-size: the shards are a copy of each output they split (tasks/split.py).
-    return int((base + sum(sizes) + merged + split_extra_bytes(sizes, request.split_max_size)) * DISK_MARGIN)
+    extra = split_extra_bytes(sizes, request.split_max_size)
+    return int((base + sum(made) + copies + merged + extra) * DISK_MARGIN)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def same_filesystem(a: Path, b: Path) -> bool:
+    """Whether `a` and `b` (or, where they do not exist yet, the folders they will be made in) share a filesystem."""
+    return _nearest_existing(a).stat().st_dev == _nearest_existing(b).stat().st_dev
 
 
 def check_disk(paths: list[Path], need: int) -> None:
     """Free space on the filesystem(s) written to covers `need` bytes."""
-    existing = []
-    for p in paths:
-        while not p.exists():
-            p = p.parent
-        existing.append(p)
+    existing = [_nearest_existing(p) for p in paths]
     free = min(shutil.disk_usage(p).free for p in existing)
     if free < need:
         raise NotEnoughDisk(
@@ -373,7 +386,7 @@ def run_preflight(
     else:
         # Hub weights are not here yet: their sizes from the Hub's file list at the pinned commit.
         params = (planned_weight_bytes(ref, metadata_folder) or 0) // 2
-    need = estimate_bytes(params, request, base_cached)
+    need = estimate_bytes(params, request, base_cached, outputs_linked=same_filesystem(Path(request.out_dir), cache_dir()))
     check_disk([Path(request.out_dir), cache_dir()], need)
     memory = estimate_memory(params, request.outtype, config, verify=request.verify, report=request.report,
                              adapter_mode=request.adapter_mode if request.adapter else None,

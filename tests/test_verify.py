@@ -131,8 +131,12 @@ def test_disk_estimate_counts_auto_candidates_and_the_merge() -> None:
     params = 1_000_000_000
     plain = estimate_bytes(params, ExportRequest(source="demo", quants=["q4_k_m"]), base_cached=False)
     auto = estimate_bytes(params, ExportRequest(source="demo", quants=["auto"], max_kl=0.1), base_cached=False)
-    # f16 in the cache and in the outputs (2 GB each), plus q4_k_m (4.9 bits), with a 10 % margin.
-    assert 4.9e9 < plain < 5.3e9
+    # f16 and q4_k_m (4.9 bits: 0.61 GB) in the cache and copied to the outputs, with a 10 % margin ...
+    assert 5.6e9 < plain < 5.9e9
+    # ... or, with the outputs on the cache's filesystem, hard links that cost nothing.
+    linked = estimate_bytes(params, ExportRequest(source="demo", quants=["q4_k_m"]), base_cached=False,
+                            outputs_linked=True)
+    assert 2.8e9 < linked < 2.95e9
     # `auto` keeps six candidates until it chooses: far more than one quant type.
     assert auto > plain + 3e9
 
@@ -202,3 +206,10 @@ def test_a_near_dialect_is_held_against_transformers_through_the_text_that_ships
                                               "<|im_start|>assistant\n")
     agreement, same_tokens, positions = top1_agreement(demo_f16_gguf, demo_model_dir, run, chat=near)
     assert same_tokens and positions > 20 and agreement >= 0.95
+
+
+def test_outputs_beside_the_cache_are_known_to_be_links(tmp_path: Path) -> None:
+    from tasks.preflight import same_filesystem
+
+    assert same_filesystem(tmp_path / "out" / "not-made-yet", tmp_path / "cache")
+    assert not same_filesystem(Path("/proc/self"), tmp_path)
