@@ -23,15 +23,20 @@ from tasks.toolchain import Toolchain, current_toolchain
 MANIFEST_NAME = "manifest.json"
 KILN_VERSION = "0.1.0"
 
+# Raised whenever Kiln writes other bytes for the same request, source and toolchain, so that an
+# export made before counts as out of date. 2: the converter is given the publisher's spelling of
+# the model's name (`general.name`, which libllama reads for Phi-3's tokenization).
+WRITER_GENERATION = 2
+
 # Request fields that do not change what is written.
 _NON_OUTPUT_FIELDS = {"out_dir", "verify", "accept_license", "placement"}
 
 
 def request_key(request: ExportRequest, files: list[SourceFile], toolchain: Toolchain, extra: str = "") -> str:
-    """Everything that determines the outputs: the request's output fields, the source content, the toolchain."""
+    """Everything that determines the outputs: the request's output fields, the source content, the toolchain, Kiln's writer."""
     fields = request.model_dump(exclude=_NON_OUTPUT_FIELDS)
-    payload = json.dumps({"request": fields, "content": content_key(files),
-                          "toolchain": toolchain.cache_key, "extra": extra}, sort_keys=True)
+    payload = json.dumps({"request": fields, "content": content_key(files), "toolchain": toolchain.cache_key,
+                          "extra": extra, "writer": WRITER_GENERATION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -133,7 +138,7 @@ def find_up_to_date(request: ExportRequest) -> tuple[Manifest | None, str]:
     if files is None:
         return None, "the source is not where the last export found it"
     if request_key(request, files, current_toolchain(), inputs_beyond_source(request)) != manifest.request_key:
-        return None, "the source or the toolchain changed"
+        return None, "the source, the toolchain or Kiln's writer changed"
     problems = outputs_intact(out_dir, manifest.outputs)
     if problems:
         return None, "; ".join(problems)

@@ -101,7 +101,7 @@ def test_a_changed_source_file_means_export_again(export):
     from safetensors.numpy import save_file
 
     save_file({"w": np.zeros((4, 4), dtype=np.float32)}, str(source / "model.safetensors"))
-    assert find_up_to_date(request) == (None, "the source or the toolchain changed")
+    assert find_up_to_date(request) == (None, "the source, the toolchain or Kiln's writer changed")
 
 
 def test_a_source_file_gone_means_export_again(export):
@@ -125,3 +125,11 @@ def test_a_manifest_naming_a_file_outside_its_folder_is_refused(export):
     (out / MANIFEST_NAME).write_text(json.dumps(data))
     with pytest.raises(KilnError, match="escapes its folder"):
         find_up_to_date(request)
+
+
+def test_an_export_by_an_older_writer_is_out_of_date(export, monkeypatch):
+    """Kiln writing other bytes for the same inputs (the GGUF's model name, say) makes older exports stale."""
+    request, _, _ = export
+    assert find_up_to_date(request)[1] == "up to date"
+    monkeypatch.setattr("tasks.manifest.WRITER_GENERATION", 3)
+    assert find_up_to_date(request) == (None, "the source, the toolchain or Kiln's writer changed")
