@@ -83,13 +83,19 @@ def run_export_command(request, as_json: bool, force: bool) -> None:
     else:
         hash_sources = preflight_before_prefect(request)
         console.print(f"exporting ({why})", markup=False)
-        from flows.export import export
-        from flows.heartbeats import without_heartbeats
         from flows.local_server import prefect_api
 
-        quiet_kiln_tracebacks()
-        with prefect_api(meanwhile=hash_sources), without_heartbeats(), terminal_progress():
-            manifest = export(request, force=force)
+        def while_the_server_starts() -> None:
+            hash_sources()
+            import flows.export  # noqa: F401  Prefect's and the flow's imports: seconds of the same wait
+
+        with prefect_api(meanwhile=while_the_server_starts):
+            from flows.export import export
+            from flows.heartbeats import without_heartbeats
+
+            quiet_kiln_tracebacks()
+            with without_heartbeats(), terminal_progress():
+                manifest = export(request, force=force)
         status = f"exported to {request.out_dir}"
         for check in manifest.checks:
             if check.name == "split outputs":  # what became of each file, and that Ollama cannot take shards
