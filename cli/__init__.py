@@ -40,8 +40,6 @@ def build_request(**fields: Any):
         raise SpecInvalid(f"invalid request: {format_validation_error(exc)}") from None
 
 
-
-
 def preflight_before_prefect(request) -> Callable[[], None]:
     """Every refusal preflight can make, before the Prefect server's start-up is paid.
 

@@ -108,11 +108,13 @@ def use_local_server(meanwhile: Callable[[], object] | None = None) -> str | Non
     """
     from tasks import settings
 
-    pending = [meanwhile] if meanwhile is not None else []
+    ran = False
 
     def run_meanwhile() -> None:
-        while pending:
-            pending.pop()()
+        nonlocal ran
+        if meanwhile is not None and not ran:
+            ran = True
+            meanwhile()
 
     keep = settings.prefect_server_keep_seconds()
     if os.environ.get("PREFECT_API_URL") or keep <= 0:
