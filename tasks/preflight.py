@@ -289,11 +289,12 @@ def check_license(spec: BaseModelSpec | None, accepted: bool) -> None:
         )
 
 
-def estimate_bytes(params: int, request: ExportRequest, base_cached: bool, outputs_linked: bool = False) -> int:
-    """Disk the export writes: the float GGUF and every quantization in the cache, the outputs, and the temporaries.
+def disk_needs(params: int, request: ExportRequest, base_cached: bool) -> tuple[int, int, int]:
+    """Bytes the export writes, with the margin: (into the cache, outputs that are copies, split shards).
 
-    `outputs_linked`: the output folder is on the cache's filesystem, so each output is a hard link
-    to its cache entry (tasks/outputs.py) and costs no disk of its own.
+    The cache holds the float GGUF, every quantization and a merged adapter's second float GGUF.
+    The outputs are hard links to those entries on the cache's filesystem (tasks/outputs.py) and
+    copies across filesystems; the shards of --split-max-size are new files either way.
     """
     from tasks.report import AUTO_CANDIDATES
 
@@ -301,13 +302,28 @@ def estimate_bytes(params: int, request: ExportRequest, base_cached: bool, outpu
     # `--quant auto` holds every candidate until one is chosen.
     quants = list(AUTO_CANDIDATES) if request.quants == ["auto"] else request.quants
     made = [estimated_size(params, q) for q in quants]
-    sizes = [estimated_size(params, request.outtype), *made]
-    copies = 0 if outputs_linked else sum(sizes)  # across filesystems each output is a copy
-    # A merged adapter is a second float GGUF beside the base's.
     merged = estimated_size(params, request.outtype) if request.adapter and request.adapter_mode != "adapter" else 0
-    # --split-max-size: the shards are a copy of each output they split (tasks/split.py).
-    extra = split_extra_bytes(sizes, request.split_max_size)
-    return int((base + sum(made) + copies + merged + extra) * DISK_MARGIN)
+    sizes = [estimated_size(params, request.outtype), *made]
+    return (int((base + sum(made) + merged) * DISK_MARGIN), int(sum(sizes) * DISK_MARGIN),
+            int(split_extra_bytes(sizes, request.split_max_size) * DISK_MARGIN))
+
+
+def estimate_bytes(params: int, request: ExportRequest, base_cached: bool, outputs_linked: bool = False) -> int:
+    """Disk the export writes in all; `outputs_linked`: the outputs are hard links on the cache's filesystem."""
+    cache, copies, split = disk_needs(params, request, base_cached)
+    return cache + (0 if outputs_linked else copies) + split
+
+
+def check_export_disk(params: int, request: ExportRequest, base_cached: bool) -> int:
+    """Refuse an export whose files do not fit, each filesystem for its own part; the bytes it writes."""
+    out, cache = Path(request.out_dir), cache_dir()
+    cache_bytes, copies, split = disk_needs(params, request, base_cached)
+    if same_filesystem(out, cache):
+        check_disk([out], cache_bytes + split)
+        return cache_bytes + split
+    check_disk([cache], cache_bytes)
+    check_disk([out], copies + split)
+    return cache_bytes + copies + split
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -386,8 +402,7 @@ def run_preflight(
     else:
         # Hub weights are not here yet: their sizes from the Hub's file list at the pinned commit.
         params = (planned_weight_bytes(ref, metadata_folder) or 0) // 2
-    need = estimate_bytes(params, request, base_cached, outputs_linked=same_filesystem(Path(request.out_dir), cache_dir()))
-    check_disk([Path(request.out_dir), cache_dir()], need)
+    need = check_export_disk(params, request, base_cached)
     memory = estimate_memory(params, request.outtype, config, verify=request.verify, report=request.report,
                              adapter_mode=request.adapter_mode if request.adapter else None,
                              imatrix=_computes_imatrix(request))
