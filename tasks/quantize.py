@@ -126,8 +126,8 @@ def _route_libllama_log() -> Any:
     """Send a quantizing thread's libllama lines to `_quantizer_log`; other threads' go where they went.
 
     Installed once, under a lock: the flow starts its quantizations together, and two threads
-    installing at once left libllama holding the pointer of a callback Python had freed (a
-    segfault in CI, 1 run in 6 here).
+    installing at once left libllama holding the pointer of a callback Python had freed (`kiln
+    demo` died of SIGSEGV in CI; tests/test_quantize.py starts eight threads together).
     """
     with _setup_lock:
         if not _routing:
